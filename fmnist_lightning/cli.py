@@ -1,0 +1,343 @@
+"""The `fmnist` command line: thin Typer commands over the library.
+
+Options of `fit` and `compare` are generated from the fields of `config.Settings` (name, type,
+default, help), so the YAML keys, the CLI options and `config.yaml` never drift apart. torch and
+lightning are imported inside the commands: `fmnist --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import sys
+import warnings
+import types
+import typing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fmnist_lightning import __version__
+from fmnist_lightning.config import Settings, resolve_settings, setting_fields
+from fmnist_lightning.errors import FmnistError, UsageError
+
+console = Console()
+err_console = Console(stderr=True)
+app = typer.Typer(
+    name="fmnist",
+    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, test, predict-samples, compare.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+HARDWARE = ("accelerator", "devices", "strategy", "num_nodes", "precision", "gpus")
+DATA = ("data_dir", "offline")
+_debug = False  # set by --debug on the root command: show tracebacks instead of one-line errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Plumbing: errors as one line, options generated from Settings
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn FmnistError into one red line on stderr and its exit code (a traceback with --debug)."""
+    try:
+        quiet_lightning()
+        yield
+    except FmnistError as exc:
+        if _debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _option_for(f: Any) -> tuple[Any, Any]:
+    """(annotation, typer.Option) for one Settings field; None as default = 'not given'."""
+    kind = f.type
+    if isinstance(kind, types.UnionType):  # `int | None`
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    name = f.name.replace("_", "-")
+    choices = f.metadata["choices"]
+    default = f.default
+    if kind is bool:
+        decls = [f"--{name}/--no-{name}"]
+        shown: Any = name if default else f"no-{name}"
+    else:
+        decls = [f"--{name}"]
+        shown = default if default is not None else "not set"
+    if f.name.startswith("limit_"):
+        kind = str  # Lightning's meaning: "10" is a count, "0.5" a fraction
+    if choices:  # Typer shows and checks the allowed values of an Enum
+        kind = enum.Enum(f.name, [(c, c) for c in choices], type=str)  # type: ignore[misc]
+    option = typer.Option(None, *decls, help=f.metadata["help"], show_default=str(shown))
+    return Optional[kind], option
+
+
+def _params(names: typing.Iterable[str]) -> list[inspect.Parameter]:
+    by_name = {f.name: f for f in setting_fields()}
+    params = []
+    for name in names:
+        annotation, option = _option_for(by_name[name])
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return params
+
+
+def with_settings(names: typing.Iterable[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the named Settings fields as options; the command receives them as `settings` (given ones only)."""
+    names = list(names)
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(fn, include_extras=True)  # resolved, keeping Annotated options
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values() if p.name != "settings"]
+
+        def command(**kwargs: Any) -> Any:
+            given = {k: getattr(v, "value", v) for k in names if (v := kwargs.get(k)) is not None}
+            for k in names:
+                kwargs.pop(k, None)
+            return fn(settings=given, **kwargs)
+
+        params = own + _params(names)
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        command.__doc__ = fn.__doc__
+        command.__name__ = fn.__name__
+        return command
+
+    return decorate
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"fmnist-lightning {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full Python tracebacks for errors.")] = False,
+) -> None:
+    """Fashion-MNIST CNN experiments with PyTorch Lightning."""
+    global _debug
+    _debug = debug
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+def quiet_lightning() -> None:
+    """Import lightning, then hide its start-up chatter (GPU available, tips); --debug keeps it.
+
+    Lightning sets its loggers to INFO when imported, so this must run after the import.
+    """
+    import lightning  # noqa: F401
+
+    if not _debug:
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # A torch/Lightning version mismatch warning that tells a user nothing actionable.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+OutOption = Annotated[Optional[Path], typer.Option("--out", help="Output folder.")]
+CkptOption = Annotated[Path, typer.Option("--ckpt", help="Checkpoint file, e.g. runs/001/checkpoints/best.ckpt.")]
+
+
+def _settings(given: dict[str, Any]) -> Settings:
+    return resolve_settings(None, given)
+
+
+def _default_out_for(ckpt: Path) -> Path:
+    """Reports go next to the run that produced the checkpoint (runs/001 for runs/001/checkpoints/best.ckpt)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+@app.command()
+@with_settings(DATA)
+def data(settings: dict[str, Any], out: Annotated[Path, typer.Option(help="Where to write samples.png.")] = Path("runs/data")) -> None:
+    """Analyse the data: split shapes, pixel range, images per class, and a grid of samples."""
+    with user_errors():
+        s = _settings(settings)
+        from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, one_hot
+        from fmnist_lightning.plots import plot_image_grid
+
+        dm = FashionMNISTDataModule(data_dir=s.data_dir, offline=s.offline, val_size=s.val_size)
+        dm.setup()
+        table = Table(title=f"Fashion-MNIST ({dm.source})")
+        for column in ("split", "images", "labels (one-hot)", "pixel min", "pixel max"):
+            table.add_column(column, justify="right")
+        counts = Table(title="Images per class")
+        counts.add_column("class")
+        for split in ("train", "val", "test"):
+            images, labels = dm.split(split)
+            x = images.float() / 255.0
+            table.add_row(split, str((*images.shape, 1)), str(tuple(one_hot(labels).shape)), f"{x.min():.1f}", f"{x.max():.1f}")
+            counts.add_column(split, justify="right")
+        per_split = [dm.split(split)[1].bincount(minlength=len(CLASS_NAMES)).tolist() for split in ("train", "val", "test")]
+        for i, name in enumerate(CLASS_NAMES):
+            counts.add_row(name, *(str(c[i]) for c in per_split))
+        console.print(table)
+        console.print(counts)
+        images, labels = dm.split("train")
+        first = [int((labels == k).nonzero()[0]) for k in range(len(CLASS_NAMES))]
+        plot_image_grid(images[first], [CLASS_NAMES[labels[i]] for i in first], out / "samples.png")
+        console.print(f"wrote {out / 'samples.png'}")
+
+
+@app.command()
+@with_settings(f.name for f in setting_fields())
+def fit(
+    settings: dict[str, Any],
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: a new numbered folder under runs/.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out (its files only).")] = False,
+    test: Annotated[bool, typer.Option("--test", help="After training, evaluate the best checkpoint on the test set.")] = False,
+) -> None:
+    """Train the CNN. Settings come from defaults, then --config, then the options given here."""
+    with user_errors():
+        from fmnist_lightning.training import fit_settings, run_fit
+
+        s = fit_settings(config, settings, out, resume)
+        result = run_fit(s, out=out, resume=resume, overwrite=overwrite)
+        if not result.is_global_zero:
+            return
+        _print_fit_summary(result)
+        if test:
+            _test(result.best_checkpoint, s, result.run_dir)
+
+
+def _print_fit_summary(result: Any) -> None:
+    table = Table(title=f"Run {result.run_dir}", show_header=False)
+    table.add_row("best epoch", f"{result.best_epoch} of {result.epochs}")
+    table.add_row("best val accuracy", f"{result.best_val_acc:.4f}")
+    table.add_row("best checkpoint", str(result.best_checkpoint))
+    table.add_row("wall time", f"{result.wall_time_s:.1f} s")
+    table.add_row("training speed", f"{result.images_per_s:,.0f} images/s")
+    console.print(table)
+
+
+@app.command()
+@with_settings((*HARDWARE, *DATA, "eval_batch_size"))
+def test(settings: dict[str, Any], ckpt: CkptOption, out: OutOption = None) -> None:
+    """Evaluate a checkpoint on the 10,000 test images: loss, accuracy, classification report."""
+    with user_errors():
+        s = _settings(settings)
+        _test(ckpt, s, out or _default_out_for(ckpt))
+
+
+def _test(ckpt: Path, s: Settings, out: Path) -> None:
+    from fmnist_lightning.evaluation import classification_report, evaluate, write_test_outputs
+    from fmnist_lightning.training import hardware_for
+
+    results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
+    if not results.is_global_zero:
+        return
+    report = classification_report(results)
+    write_test_outputs(results, report, out)
+    _print_report(report)
+    console.print(f"wrote {out / 'report.json'}, {out / 'predictions.csv'}, {out / 'confusion_matrix.png'}")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    console.print(f"test loss {report['loss']:.4f}   test accuracy {report['accuracy']:.4f}   ({report['num_samples']} images)")
+    table = Table(title="Classification report")
+    for column in ("", "precision", "recall", "f1-score", "support"):
+        table.add_column(column, justify="right")
+    for name, row in report["per_class"].items():
+        table.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    table.add_section()
+    table.add_row("accuracy", "", "", f"{report['accuracy']:.4f}", str(report["num_samples"]))
+    for key, label in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
+        row = report[key]
+        table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    console.print(table)
+    from fmnist_lightning.data import CLASS_NAMES
+
+    confusion = Table(title="Confusion matrix (rows: true class, columns: predicted)")
+    confusion.add_column("")
+    for i in range(len(CLASS_NAMES)):
+        confusion.add_column(str(i), justify="right")
+    for i, (name, row) in enumerate(zip(CLASS_NAMES, report["confusion_matrix"])):
+        confusion.add_row(f"{i} {name}", *(str(v) for v in row))
+    console.print(confusion)
+
+
+@app.command("predict-samples")
+@with_settings((*HARDWARE, *DATA, "eval_batch_size"))
+def predict_samples(
+    settings: dict[str, Any],
+    ckpt: CkptOption,
+    num: Annotated[int, typer.Option(help="How many correct and how many incorrect images to show.")] = 9,
+    out: OutOption = None,
+) -> None:
+    """Show correctly and incorrectly classified test images (correct.png, incorrect.png)."""
+    with user_errors():
+        if not 1 <= num <= 10000:
+            raise UsageError(f"--num must be between 1 and 10000 (the test set's size), got {num}")
+        s = _settings(settings)
+        from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule
+        from fmnist_lightning.evaluation import evaluate, pick_samples
+        from fmnist_lightning.plots import plot_image_grid
+        from fmnist_lightning.training import hardware_for
+
+        out = out or _default_out_for(ckpt)
+        results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
+        if not results.is_global_zero:
+            return
+        images = FashionMNISTDataModule(s.data_dir, offline=True).split("test")[0]
+        predicted = results.predicted
+        for name, indices in zip(("correct", "incorrect"), pick_samples(results, num)):
+            titles = [f"Predicted {CLASS_NAMES[predicted[i]]}, Class {CLASS_NAMES[results.labels[i]]}" for i in indices]
+            plot_image_grid(images[indices], titles, out / f"{name}.png")
+            console.print(f"{name} ({len(indices)}): {indices}")
+            if len(indices) < num:
+                console.print(f"  only {len(indices)} {name} predictions exist")
+        console.print(f"wrote {out / 'correct.png'} and {out / 'incorrect.png'}")
+
+
+@app.command()
+@with_settings(f.name for f in setting_fields() if f.name != "dropout")
+def compare(
+    settings: dict[str, Any],
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for both runs. Default: a new numbered folder under runs/.")] = None,
+) -> None:
+    """Train the same configuration with and without dropout, test both, and compare."""
+    with user_errors():
+        from fmnist_lightning.compare import run_compare
+
+        rows = run_compare(resolve_settings(config, settings), out)
+        if rows is None:
+            return
+        table = Table(title="Dropout vs no dropout")
+        for column in ("model", "test acc", "test loss", "best epoch", "train-val acc gap (last epoch)"):
+            table.add_column(column, justify="right")
+        for row in rows:
+            table.add_row(row["model"], f"{row['test_acc']:.4f}", f"{row['test_loss']:.4f}", str(row["best_epoch"]), f"{row['gap']:+.4f}")
+        console.print(table)
+
+
+def main() -> None:
+    """Entry point: command-line usage errors also become one line (exit 2) instead of a panel."""
+    try:
+        result = app(standalone_mode=False, prog_name="fmnist")
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:
+        # Typer's (click's) usage errors carry `format_message` and `exit_code`; anything else is a bug.
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise
+        err_console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    sys.exit(result if isinstance(result, int) else 0)

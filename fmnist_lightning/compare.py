@@ -1,0 +1,48 @@
+"""The tutorial's central experiment: the same configuration trained with and without dropout."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from fmnist_lightning.config import Settings
+from fmnist_lightning.evaluation import classification_report, evaluate, write_test_outputs
+from fmnist_lightning.plots import plot_compare
+from fmnist_lightning.training import claimed_run_dir, hardware_for, read_metrics, run_fit
+
+VARIANTS = (("dropout", True), ("no-dropout", False))
+
+
+def run_compare(s: Settings, out: Path | None = None) -> list[dict[str, Any]] | None:
+    """Train and test both variants in `out/dropout` and `out/no-dropout`; write `out/compare.png`.
+
+    Returns one summary row per variant (None on DDP ranks other than 0).
+    """
+    rows, curves = [], {}
+    with claimed_run_dir(out) as base:
+        for name, dropout in VARIANTS:
+            variant = replace(s, dropout=dropout)
+            fitted = run_fit(variant, out=base / name)
+            results = evaluate(fitted.best_checkpoint, hardware_for(variant), s.data_dir, s.offline, s.eval_batch_size)
+            if not results.is_global_zero:
+                continue
+            report = classification_report(results)
+            write_test_outputs(results, report, fitted.run_dir)
+            history = read_metrics(fitted.run_dir / "metrics.csv")
+            curves[name] = history
+            last = history[-1] if history else {}
+            rows.append(
+                {
+                    "model": name,
+                    "test_acc": report["accuracy"],
+                    "test_loss": report["loss"],
+                    "best_epoch": fitted.best_epoch,
+                    "gap": last.get("train/acc", float("nan")) - last.get("val/acc", float("nan")),
+                    "run_dir": str(fitted.run_dir),
+                }
+            )
+        if not rows:
+            return None
+        plot_compare(curves, base / "compare.png")
+    return rows

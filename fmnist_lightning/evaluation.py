@@ -1,0 +1,166 @@
+"""Loading checkpoints safely, evaluating the official test set, and the reports `fmnist test` writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule
+from fmnist_lightning.errors import CheckpointError
+from fmnist_lightning.model import CHECKPOINT_FORMAT, FashionClassifier
+from fmnist_lightning.training import Hardware
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint written by this package, or raise CheckpointError saying what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give the .ckpt file (e.g. {path / 'checkpoints' / 'best.ckpt'})")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    try:
+        # weights_only: a checkpoint is data; never run code from a file the user points us at.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not a PyTorch file ({reason})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    ours = ckpt.get("fmnist_lightning")
+    if not isinstance(ours, dict) or "hyper_parameters" not in ckpt:
+        raise CheckpointError(f"{path} was not written by fmnist-lightning (another program's checkpoint)")
+    if ours.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} has checkpoint format {ours.get('format')}, this version reads format {CHECKPOINT_FORMAT}"
+        )
+    return ckpt
+
+
+def load_classifier(path: Path) -> FashionClassifier:
+    """Rebuild the trained model (the right network and dropout variant) from a checkpoint."""
+    ckpt = read_checkpoint(path)
+    try:
+        model = FashionClassifier(**ckpt["hyper_parameters"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (TypeError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} holds a model this version cannot rebuild ({str(exc).splitlines()[0][:160]})") from None
+    return model.eval()
+
+
+@dataclass
+class TestResults:
+    """Everything one pass over the test set gives: metric values and per-image probabilities."""
+
+    metrics: dict[str, torch.Tensor]
+    probabilities: torch.Tensor  # (N, 10), in test-set order
+    labels: torch.Tensor  # (N,)
+    index: torch.Tensor  # (N,) test-set index of each row: 0..N-1, each once
+    is_global_zero: bool
+
+    @property
+    def predicted(self) -> torch.Tensor:
+        return self.probabilities.argmax(dim=1)
+
+
+def evaluate(
+    ckpt: Path,
+    hw: Hardware,
+    data_dir: str | Path = "data",
+    offline: bool = False,
+    eval_batch_size: int = 1000,
+) -> TestResults:
+    """Evaluate a checkpoint on the official 10,000 test images, each exactly once (also under DDP)."""
+    model = load_classifier(ckpt)
+    datamodule = FashionMNISTDataModule(data_dir=data_dir, offline=offline, eval_batch_size=eval_batch_size)
+    trainer = L.Trainer(
+        accelerator=hw.accelerator,
+        devices=hw.devices,
+        strategy=hw.strategy,
+        num_nodes=hw.num_nodes,
+        precision=hw.precision,  # type: ignore[arg-type]
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    values = model.test_results
+    labels = datamodule.split("test")[1][values["index"]]
+    return TestResults(
+        metrics={k: v for k, v in values.items() if k not in ("index", "probabilities")},
+        probabilities=values["probabilities"],
+        labels=labels,
+        index=values["index"],
+        is_global_zero=trainer.is_global_zero,
+    )
+
+
+def classification_report(results: TestResults) -> dict[str, Any]:
+    """The report as `report.json` holds it: scikit-learn's classification_report, plus loss and confusion."""
+    m = results.metrics
+    confusion = m["confusion"].long()
+    support = confusion.sum(dim=1)
+
+    def scores(kind: str) -> dict[str, float]:
+        return {
+            "precision": float(m[f"precision_{kind}"]),
+            "recall": float(m[f"recall_{kind}"]),
+            "f1": float(m[f"f1_{kind}"]),
+            "support": int(support.sum()),
+        }
+
+    per_class = {
+        name: {
+            "precision": float(m["precision_none"][i]),
+            "recall": float(m["recall_none"][i]),
+            "f1": float(m["f1_none"][i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(CLASS_NAMES)
+    }
+    return {
+        "accuracy": float(m["acc"]),
+        "loss": float(m["loss"]),
+        "num_samples": int(results.index.numel()),
+        "per_class": per_class,
+        "macro_avg": scores("macro"),
+        "weighted_avg": scores("weighted"),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def write_predictions_csv(results: TestResults, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["index", "label", "predicted", *(f"p_{name}" for name in CLASS_NAMES)])
+        for i, label, pred, probs in zip(
+            results.index.tolist(), results.labels.tolist(), results.predicted.tolist(), results.probabilities.tolist()
+        ):
+            writer.writerow([i, label, pred, *(f"{p:.6f}" for p in probs)])
+
+
+def write_test_outputs(results: TestResults, report: dict[str, Any], out: Path) -> None:
+    """report.json, predictions.csv and confusion_matrix.png in `out`."""
+    from fmnist_lightning.plots import plot_confusion_matrix
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_predictions_csv(results, out / "predictions.csv")
+    plot_confusion_matrix(report["confusion_matrix"], out / "confusion_matrix.png")
+
+
+def pick_samples(results: TestResults, num: int) -> tuple[list[int], list[int]]:
+    """The first `num` correctly and incorrectly classified test indices (as the tutorial shows them)."""
+    correct = (results.predicted == results.labels).nonzero().flatten()
+    wrong = (results.predicted != results.labels).nonzero().flatten()
+    return results.index[correct[:num]].tolist(), results.index[wrong[:num]].tolist()

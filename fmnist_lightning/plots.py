@@ -1,0 +1,77 @@
+"""Matplotlib figures: learning curves, image grids, confusion matrix, dropout comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed (servers, CI)
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from fmnist_lightning.data import CLASS_NAMES  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _curve_axes(rows_by_label: dict[str, list[dict[str, float]]], path: Path) -> None:
+    """The tutorial's two plots side by side: loss and accuracy, training vs validation, per epoch."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, metric, title in ((axes[0], "loss", "Training and validation loss"), (axes[1], "acc", "Training and validation accuracy")):
+        for label, rows in rows_by_label.items():
+            prefix = f"{label} " if label else ""
+            for split, style in (("train", "o-"), ("val", "s--")):
+                points = [(r["epoch"], r[f"{split}/{metric}"]) for r in rows if f"{split}/{metric}" in r]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, ys, style, markersize=3, label=f"{prefix}{'training' if split == 'train' else 'validation'}")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric if metric == "loss" else "accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+
+
+def plot_curves(rows: list[dict[str, float]], path: Path) -> None:
+    _curve_axes({"": rows}, path)
+
+
+def plot_compare(rows_by_model: dict[str, list[dict[str, float]]], path: Path) -> None:
+    _curve_axes(rows_by_model, path)
+
+
+def plot_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, columns: int = 5) -> None:
+    """A grid of 28x28 grayscale images (uint8 or float in [0, 1]), each with its title."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles):
+        ax.imshow(np.asarray(image.squeeze().cpu()), cmap="gray", interpolation="none")
+        ax.set_title(title, fontsize=8)
+    _save(fig, path)
+
+
+def plot_confusion_matrix(confusion: list[list[int]], path: Path) -> None:
+    matrix = np.asarray(confusion)
+    fig, ax = plt.subplots(figsize=(8, 7))
+    im = ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES, rotation=45, ha="right")
+    ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = matrix.max() / 2
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > threshold else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title("Confusion matrix (test set)")
+    _save(fig, path)
