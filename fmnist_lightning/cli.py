@@ -11,9 +11,9 @@ import enum
 import inspect
 import logging
 import sys
-import warnings
 import types
 import typing
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,7 +76,7 @@ def _option_for(f: Any) -> tuple[Any, Any]:
     if f.name.startswith("limit_"):
         kind = str  # Lightning's meaning: "10" is a count, "0.5" a fraction
     if choices:  # Typer shows and checks the allowed values of an Enum
-        kind = enum.Enum(f.name, [(c, c) for c in choices], type=str)  # type: ignore[misc]
+        kind = enum.Enum(f.name, [(c, c) for c in choices], type=str)  # type: ignore[misc,no-redef]
     option = typer.Option(None, *decls, help=f.metadata["help"], show_default=str(shown))
     return Optional[kind], option
 
@@ -96,7 +96,11 @@ def with_settings(names: typing.Iterable[str]) -> Callable[[Callable[..., Any]],
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(fn, include_extras=True)  # resolved, keeping Annotated options
-        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values() if p.name != "settings"]
+        own = [
+            p.replace(annotation=hints[p.name])
+            for p in inspect.signature(fn).parameters.values()
+            if p.name != "settings"
+        ]
 
         def command(**kwargs: Any) -> Any:
             given = {k: getattr(v, "value", v) for k in names if (v := kwargs.get(k)) is not None}
@@ -122,7 +126,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show full Python tracebacks for errors.")] = False,
 ) -> None:
     """Fashion-MNIST CNN experiments with PyTorch Lightning."""
@@ -164,7 +170,9 @@ def _default_out_for(ckpt: Path) -> Path:
 
 @app.command()
 @with_settings(DATA)
-def data(settings: dict[str, Any], out: Annotated[Path, typer.Option(help="Where to write samples.png.")] = Path("runs/data")) -> None:
+def data(
+    settings: dict[str, Any], out: Annotated[Path, typer.Option(help="Where to write samples.png.")] = Path("runs/data")
+) -> None:
     """Analyse the data: split shapes, pixel range, images per class, and a grid of samples."""
     with user_errors():
         s = _settings(settings)
@@ -181,9 +189,13 @@ def data(settings: dict[str, Any], out: Annotated[Path, typer.Option(help="Where
         for split in ("train", "val", "test"):
             images, labels = dm.split(split)
             x = images.float() / 255.0
-            table.add_row(split, str((*images.shape, 1)), str(tuple(one_hot(labels).shape)), f"{x.min():.1f}", f"{x.max():.1f}")
+            table.add_row(
+                split, str((*images.shape, 1)), str(tuple(one_hot(labels).shape)), f"{x.min():.1f}", f"{x.max():.1f}"
+            )
             counts.add_column(split, justify="right")
-        per_split = [dm.split(split)[1].bincount(minlength=len(CLASS_NAMES)).tolist() for split in ("train", "val", "test")]
+        per_split = [
+            dm.split(split)[1].bincount(minlength=len(CLASS_NAMES)).tolist() for split in ("train", "val", "test")
+        ]
         for i, name in enumerate(CLASS_NAMES):
             counts.add_row(name, *(str(c[i]) for c in per_split))
         console.print(table)
@@ -200,9 +212,15 @@ def fit(
     settings: dict[str, Any],
     config: Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: a new numbered folder under runs/.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in --out (its files only).")] = False,
-    test: Annotated[bool, typer.Option("--test", help="After training, evaluate the best checkpoint on the test set.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace the run already in --out (its files only).")
+    ] = False,
+    test: Annotated[
+        bool, typer.Option("--test", help="After training, evaluate the best checkpoint on the test set.")
+    ] = False,
 ) -> None:
     """Train the CNN. Settings come from defaults, then --config, then the options given here."""
     with user_errors():
@@ -250,7 +268,9 @@ def _test(ckpt: Path, s: Settings, out: Path) -> None:
 
 
 def _print_report(report: dict[str, Any]) -> None:
-    console.print(f"test loss {report['loss']:.4f}   test accuracy {report['accuracy']:.4f}   ({report['num_samples']} images)")
+    console.print(
+        f"test loss {report['loss']:.4f}   test accuracy {report['accuracy']:.4f}   ({report['num_samples']} images)"
+    )
     table = Table(title="Classification report")
     for column in ("", "precision", "recall", "f1-score", "support"):
         table.add_column(column, justify="right")
@@ -311,7 +331,9 @@ def predict_samples(
 def compare(
     settings: dict[str, Any],
     config: Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for both runs. Default: a new numbered folder under runs/.")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Folder for both runs. Default: a new numbered folder under runs/.")
+    ] = None,
 ) -> None:
     """Train the same configuration with and without dropout, test both, and compare."""
     with user_errors():
@@ -324,7 +346,13 @@ def compare(
         for column in ("model", "test acc", "test loss", "best epoch", "train-val acc gap (last epoch)"):
             table.add_column(column, justify="right")
         for row in rows:
-            table.add_row(row["model"], f"{row['test_acc']:.4f}", f"{row['test_loss']:.4f}", str(row["best_epoch"]), f"{row['gap']:+.4f}")
+            table.add_row(
+                row["model"],
+                f"{row['test_acc']:.4f}",
+                f"{row['test_loss']:.4f}",
+                str(row["best_epoch"]),
+                f"{row['gap']:+.4f}",
+            )
         console.print(table)
 
 

@@ -10,6 +10,7 @@ This module imports neither torch nor lightning: `fmnist --help` must stay fast.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -70,8 +71,7 @@ class Settings:
     num_nodes: int = _opt(1, "Number of machines (torchrun or SLURM launches one process per device).")
     precision: str = _opt(
         "auto",
-        "Numeric precision. auto: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, "
-        "32-true on the CPU.",
+        "Numeric precision. auto: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, 32-true on the CPU.",
         PRECISIONS,
     )
     channels_last: bool = _opt(False, "Use the channels_last memory format (faster with bf16).")
@@ -91,7 +91,10 @@ class Settings:
             (self.batch_size >= 1, f"batch_size must be a positive integer, got {self.batch_size}"),
             (self.eval_batch_size >= 1, f"eval_batch_size must be a positive integer, got {self.eval_batch_size}"),
             (math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}"),
-            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (
+                math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                f"weight_decay must be >= 0, got {self.weight_decay}",
+            ),
             (0 <= self.dropout_conv < 1, f"dropout_conv must be in [0, 1), got {self.dropout_conv}"),
             (0 <= self.dropout_dense < 1, f"dropout_dense must be in [0, 1), got {self.dropout_dense}"),
             (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
@@ -100,9 +103,18 @@ class Settings:
             (0 < self.val_size < 60000, f"val_size must be in 1..59999, got {self.val_size}"),
             (self.num_nodes >= 1, f"num_nodes must be at least 1, got {self.num_nodes}"),
             (self.gpus is None or self.gpus >= 0, f"gpus must be 0 or more, got {self.gpus}"),
-            (_valid_limit(self.limit_train_batches), f"limit_train_batches must be a fraction in (0, 1] or a count >= 1, got {self.limit_train_batches}"),
-            (_valid_limit(self.limit_val_batches), f"limit_val_batches must be a fraction in (0, 1] or a count >= 1, got {self.limit_val_batches}"),
-            (_valid_devices(self.devices), f"devices must be 'auto', a count >= 1 or a list like '0,1', got {self.devices!r}"),
+            (
+                _valid_limit(self.limit_train_batches),
+                f"limit_train_batches must be a fraction in (0, 1] or a count >= 1, got {self.limit_train_batches}",
+            ),
+            (
+                _valid_limit(self.limit_val_batches),
+                f"limit_val_batches must be a fraction in (0, 1] or a count >= 1, got {self.limit_val_batches}",
+            ),
+            (
+                _valid_devices(self.devices),
+                f"devices must be 'auto', a count >= 1 or a list like '0,1', got {self.devices!r}",
+            ),
         ]
         for name in ("network", "optimizer", "lr_schedule", "accelerator", "strategy", "precision"):
             allowed = _field(name).metadata["choices"]
@@ -243,6 +255,7 @@ def save_yaml(settings: Settings, path: Path, provenance: dict[str, Any] | None 
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
 
 
+@functools.cache
 def provenance() -> dict[str, Any]:
     """Versions and git commit, recorded in each run's config.yaml and checkpoints."""
     import platform

@@ -96,7 +96,7 @@ class Batch(NamedTuple):
     images: torch.Tensor
     targets: torch.Tensor
     labels: torch.Tensor
-    index: torch.Tensor
+    indices: torch.Tensor
 
 
 @dataclass
@@ -111,11 +111,7 @@ class FashionMNIST:
 
 
 def _candidates(folder: Path, name: str) -> list[Path]:
-    return [
-        p
-        for base in (folder, folder / "FashionMNIST" / "raw")
-        for p in (base / name, base / f"{name}.gz")
-    ]
+    return [p for base in (folder, folder / "FashionMNIST" / "raw") for p in (base / name, base / f"{name}.gz")]
 
 
 def _find_set(folder: Path) -> dict[str, Path] | None:
@@ -370,11 +366,12 @@ class TensorBatches:
         if self.images.device != device:
             self.images, self.labels = self.images.to(device), self.labels.to(device)
         order = self.indices().to(device)
-        start, self._skip = self._skip, 0
-        for self._served, first in enumerate(range(0, len(order), self.batch_size), start=1):
-            if self._served <= start:
-                continue
-            yield self.make_batch(order[first : first + self.batch_size], self._served)
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        starts = range(skip * self.batch_size, len(order), self.batch_size)
+        for number, first in enumerate(starts, start=skip + 1):
+            self._served = number
+            yield self.make_batch(order[first : first + self.batch_size], number)
 
     def make_batch(self, idx: torch.Tensor, batch_number: int) -> Batch:
         x = self.images[idx].unsqueeze(1).float().div_(255.0)

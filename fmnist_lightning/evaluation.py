@@ -25,7 +25,9 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder; give the .ckpt file (e.g. {path / 'checkpoints' / 'best.ckpt'})")
+        raise CheckpointError(
+            f"checkpoint {path} is a folder; give the .ckpt file (e.g. {path / 'checkpoints' / 'best.ckpt'})"
+        )
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty")
     try:
@@ -53,7 +55,9 @@ def load_classifier(path: Path) -> FashionClassifier:
         model = FashionClassifier(**ckpt["hyper_parameters"])
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"{path} holds a model this version cannot rebuild ({str(exc).splitlines()[0][:160]})") from None
+        raise CheckpointError(
+            f"{path} holds a model this version cannot rebuild ({str(exc).splitlines()[0][:160]})"
+        ) from None
     return model.eval()
 
 

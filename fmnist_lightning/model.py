@@ -60,7 +60,7 @@ class ConvNet(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                nn.init.zeros_(module.bias)  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
@@ -222,7 +222,7 @@ class FashionClassifier(L.LightningModule):
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self._evaluate(batch, self.test_loss, self.test_metrics)
-        self.test_outputs.append((batch.index.cpu(), logits.float().softmax(dim=1).cpu()))
+        self.test_outputs.append((batch.indices.cpu(), logits.float().softmax(dim=1).cpu()))
 
     def on_test_epoch_start(self) -> None:
         self.test_outputs, self.test_results = [], {}
@@ -259,9 +259,9 @@ class FashionClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from fmnist_lightning import __version__
+        from fmnist_lightning.config import provenance
 
-        checkpoint["fmnist_lightning"] = {"format": CHECKPOINT_FORMAT, "version": __version__}
+        checkpoint["fmnist_lightning"] = {"format": CHECKPOINT_FORMAT, **provenance()}
         # Lightning does not save RNG states; dropout needs them for an exact resume.
         checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():

@@ -24,14 +24,19 @@ def _save(fig: plt.Figure, path: Path) -> None:
 def _curve_axes(rows_by_label: dict[str, list[dict[str, float]]], path: Path) -> None:
     """The tutorial's two plots side by side: loss and accuracy, training vs validation, per epoch."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, title in ((axes[0], "loss", "Training and validation loss"), (axes[1], "acc", "Training and validation accuracy")):
+    for ax, metric, title in (
+        (axes[0], "loss", "Training and validation loss"),
+        (axes[1], "acc", "Training and validation accuracy"),
+    ):
         for label, rows in rows_by_label.items():
             prefix = f"{label} " if label else ""
             for split, style in (("train", "o-"), ("val", "s--")):
                 points = [(r["epoch"], r[f"{split}/{metric}"]) for r in rows if f"{split}/{metric}" in r]
                 if points:
                     xs, ys = zip(*points)
-                    ax.plot(xs, ys, style, markersize=3, label=f"{prefix}{'training' if split == 'train' else 'validation'}")
+                    ax.plot(
+                        xs, ys, style, markersize=3, label=f"{prefix}{'training' if split == 'train' else 'validation'}"
+                    )
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric if metric == "loss" else "accuracy")

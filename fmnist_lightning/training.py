@@ -13,6 +13,7 @@ import fcntl
 import os
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +36,17 @@ RUNS_ROOT = Path("runs")
 RUN_DIR_ENV = "FMNIST_RUN_DIR"
 # Files a run writes; `--overwrite` removes these and nothing else.
 RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt")
-METRIC_COLUMNS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "lr", "train_time_s", "images_per_s")
+METRIC_COLUMNS = (
+    "epoch",
+    "train/loss",
+    "train/acc",
+    "val/loss",
+    "val/acc",
+    "val/f1_macro",
+    "lr",
+    "train_time_s",
+    "images_per_s",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,19 +97,16 @@ def resolve_hardware(
     if accelerator == "auto":
         accelerator = "gpu" if visible else "cpu"
     accelerator = "gpu" if accelerator == "cuda" else accelerator
-    if accelerator == "gpu":
-        need = len(wanted) if isinstance(wanted, list) else (visible if wanted == "auto" else wanted)
-        names = ", ".join(torch.cuda.get_device_name(i) for i in range(visible)) or "none"
-        if visible == 0:
-            raise UsageError(f"asked for {need or 1} GPU(s) but no GPU is visible; use --gpus 0 or --accelerator cpu")
-        if need > visible or (isinstance(wanted, list) and max(wanted) >= visible):
-            raise UsageError(f"asked for GPUs {wanted} but only {visible} visible ({names})")
-        count: int | list[int] = wanted if wanted != "auto" else visible  # type: ignore[assignment]
-    else:
-        if isinstance(wanted, list):
-            raise UsageError("a list of device ids only makes sense for GPUs; give --devices N for CPU processes")
-        count = 1 if wanted == "auto" else wanted
+    count = (max(visible, 1) if accelerator == "gpu" else 1) if isinstance(wanted, str) else wanted
     n = len(count) if isinstance(count, list) else count
+    if accelerator == "gpu":
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(visible))
+        if visible == 0:
+            raise UsageError(f"asked for {n} GPU(s) but no GPU is visible; use --gpus 0 or --accelerator cpu")
+        if n > visible or (isinstance(count, list) and max(count) >= visible):
+            raise UsageError(f"asked for GPUs {count} but only {visible} visible ({names})")
+    elif isinstance(count, list):
+        raise UsageError("a list of device ids only makes sense for GPUs; give --devices N for CPU processes")
     if strategy == "auto":
         strategy = "ddp" if n * num_nodes > 1 else "auto"
     on_gpu = accelerator == "gpu"
@@ -250,7 +258,9 @@ class EpochMetricsCSV(Callback):
         self._sync(pl_module)
         self._start, self._train_time, self._images = time.perf_counter(), 0.0, 0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._images += len(batch.labels) * trainer.world_size
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -299,7 +309,9 @@ class GracefulInterrupt(Callback):
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         stop = self.requested is not None
         if trainer.world_size > 1:
             if (batch_idx + 1) % self.sync_every:
@@ -364,6 +376,8 @@ def _logger(run_dir: Path) -> Any:
 
 
 def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
+    # We log per epoch only, so Lightning's hint about short epochs vs. log_every_n_steps is noise.
+    warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -375,7 +389,11 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    callbacks: list[Callback] = [checkpoint, EpochMetricsCSV(run_dir / "metrics.csv"), GracefulInterrupt(ckpt_dir / "last.ckpt")]
+    callbacks: list[Callback] = [
+        checkpoint,
+        EpochMetricsCSV(run_dir / "metrics.csv"),
+        GracefulInterrupt(ckpt_dir / "last.ckpt"),
+    ]
     if s.progress:
         callbacks.append(RichProgressBar(refresh_rate=10, leave=True))
     callbacks += extra_callbacks or []

@@ -1,0 +1,106 @@
+"""Shared fixtures: the real dataset, tiny CPU settings, and one small trained checkpoint.
+
+The real Fashion-MNIST must be installed (Debian's dataset-fashion-mnist, or the four IDX files in
+./data). CI installs it, and there a missing dataset fails the run; elsewhere those tests skip.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fmnist_lightning.config import Settings
+from fmnist_lightning.data import SYSTEM_DATA_DIR, FashionMNISTDataModule, locate
+from fmnist_lightning.errors import DataError
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def _have_data() -> bool:
+    try:
+        locate(Path("data"), offline=True)
+        return True
+    except DataError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def real_data() -> None:
+    if not _have_data():
+        if os.environ.get("CI"):
+            pytest.fail(f"Fashion-MNIST is missing in CI: install Debian's dataset-fashion-mnist ({SYSTEM_DATA_DIR})")
+        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="session")
+def datamodule(real_data: None) -> FashionMNISTDataModule:
+    dm = FashionMNISTDataModule(offline=True)
+    dm.setup()
+    return dm
+
+
+@pytest.fixture
+def tiny() -> Settings:
+    """A few batches on the CPU: exercises every code path in seconds."""
+    return Settings(
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=1,
+        offline=True,
+        progress=False,
+        accelerator="cpu",
+    )
+
+
+@pytest.fixture(scope="session")
+def trained_run(real_data: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One short run without dropout (so the round trip must restore that variant)."""
+    from fmnist_lightning.training import run_fit
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    s = Settings(
+        max_epochs=2,
+        limit_train_batches=30,
+        limit_val_batches=2,
+        offline=True,
+        progress=False,
+        accelerator="cpu",
+        dropout=False,
+    )
+    run_fit(s, out=out)
+    return out
+
+
+@pytest.fixture
+def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
+    """Run `fmnist ARGS...` in-process through the real entry point; returns (exit code, stdout, stderr)."""
+    from fmnist_lightning.cli import main
+
+    monkeypatch.setenv("COLUMNS", "240")  # rich wraps at the terminal width; keep paths on one line
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["fmnist", *map(str, args)])
+        capsys.readouterr()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def is_png(path: Path) -> bool:
+    from PIL import Image
+
+    if not path.is_file() or path.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    with Image.open(path) as image:
+        image.verify()
+    return True

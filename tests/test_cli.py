@@ -1,0 +1,136 @@
+"""Every command end to end on a tiny budget, through the real `fmnist` entry point."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from fmnist_lightning import __version__
+from tests.conftest import is_png
+
+TINY = [
+    "--offline",
+    "--accelerator",
+    "cpu",
+    "--max-epochs",
+    "1",
+    "--limit-train-batches",
+    "3",
+    "--limit-val-batches",
+    "1",
+    "--no-progress",
+]
+
+
+def test_version_and_help_do_not_import_torch() -> None:
+    code = "import sys; from fmnist_lightning.cli import app; print('torch' in sys.modules, 'lightning' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == [
+        "False",
+        "False",
+    ]
+    result = subprocess.run([sys.executable, "-m", "fmnist_lightning", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and __version__ in result.stdout
+    result = subprocess.run([sys.executable, "-m", "fmnist_lightning", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("data", "fit", "test", "predict-samples", "compare"):
+        assert command in result.stdout
+
+
+def test_fit_writes_a_complete_run_folder(real_data: None, cli, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code, stdout, err = cli("fit", *TINY, "--max-epochs", "2", "--no-dropout", "--out", out)
+    assert code == 0, err
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["max_epochs"] == 2 and config["dropout"] is False
+    assert config["provenance"]["torch"]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= rows[0].keys()
+    assert all(0 <= float(r["val/acc"]) <= 1 for r in rows)
+    assert (out / "checkpoints" / "best.ckpt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    assert is_png(out / "curves.png")
+    assert "best val accuracy" in stdout and str(out / "checkpoints" / "best.ckpt") in stdout.replace("\n", "")
+
+
+def test_default_out_is_a_new_numbered_folder(real_data: None, cli, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert cli("fit", *TINY)[0] == 0
+    assert cli("fit", *TINY)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["001", "002"]
+
+
+def test_config_file_then_options(real_data: None, cli, tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("max-epochs: 1\nbatch_size: 64\nlr: 0.002\n")
+    out = tmp_path / "run"
+    code, _, err = cli("fit", "--config", config, *TINY, "--lr", "0.003", "--out", out)
+    assert code == 0, err
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["batch_size"] == 64 and saved["lr"] == 0.003
+
+
+def test_shipped_configs_are_valid() -> None:
+    from fmnist_lightning.config import resolve_settings
+
+    configs = sorted(Path("configs").glob("*.yaml"))
+    assert {"default.yaml", "tutorial.yaml", "tutorial-dropout.yaml"} <= {p.name for p in configs}
+    tutorial = resolve_settings(Path("configs/tutorial.yaml"))
+    assert (tutorial.dropout, tutorial.lr, tutorial.batch_size, tutorial.max_epochs, tutorial.optimizer) == (
+        False,
+        1e-3,
+        128,
+        200,
+        "adam",
+    )
+    assert resolve_settings(Path("configs/tutorial-dropout.yaml")).dropout is True
+    for path in configs:
+        resolve_settings(path)
+
+
+def test_test_and_predict_samples(trained_run: Path, cli, tmp_path: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    code, stdout, err = cli("test", "--ckpt", ckpt, "--offline", "--out", tmp_path / "t")
+    assert code == 0, err
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert {
+        "accuracy",
+        "loss",
+        "num_samples",
+        "per_class",
+        "macro_avg",
+        "weighted_avg",
+        "confusion_matrix",
+    } <= report.keys()
+    assert report["num_samples"] == 10000 and len(report["per_class"]) == 10
+    assert sum(map(sum, report["confusion_matrix"])) == 10000
+    assert is_png(tmp_path / "t" / "confusion_matrix.png")
+    assert "test accuracy" in stdout
+
+    code, stdout, err = cli("predict-samples", "--ckpt", ckpt, "--offline", "--num", "4", "--out", tmp_path / "p")
+    assert code == 0, err
+    assert is_png(tmp_path / "p" / "correct.png") and is_png(tmp_path / "p" / "incorrect.png")
+    assert "correct (4)" in stdout and "incorrect (4)" in stdout
+
+
+def test_test_report_defaults_to_the_run_folder(trained_run: Path, cli) -> None:
+    code, _, err = cli(
+        "predict-samples", "--ckpt", trained_run / "checkpoints" / "best.ckpt", "--offline", "--num", "2"
+    )
+    assert code == 0, err
+    assert is_png(trained_run / "correct.png")
+
+
+def test_compare_trains_both_variants(real_data: None, cli, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    code, stdout, err = cli("compare", *TINY, "--out", out)
+    assert code == 0, err
+    for variant, dropout in (("dropout", True), ("no-dropout", False)):
+        assert yaml.safe_load((out / variant / "config.yaml").read_text())["dropout"] is dropout
+        assert json.loads((out / variant / "report.json").read_text())["num_samples"] == 10000
+    assert is_png(out / "compare.png")
+    assert "dropout" in stdout and "no-dropout" in stdout

@@ -1,0 +1,115 @@
+"""The tutorial network, the LightningModule, checkpoints and the classification report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fmnist_lightning.data import CLASS_NAMES
+from fmnist_lightning.errors import CheckpointError
+from fmnist_lightning.evaluation import load_classifier, read_checkpoint
+from fmnist_lightning.model import ConvNet, FashionClassifier, build_network
+
+
+def test_tutorial_network_has_356234_parameters_and_tf_same_shapes() -> None:
+    net = ConvNet()
+    assert sum(p.numel() for p in net.parameters()) == 356_234
+    x = torch.zeros(2, 1, 28, 28)
+    sizes = []
+    for layer in net.features:
+        x = layer(x)
+        if isinstance(layer, nn.MaxPool2d):
+            sizes.append(tuple(x.shape[1:]))
+    assert sizes == [(32, 14, 14), (64, 7, 7), (128, 4, 4)]
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_xavier_init_and_zero_biases() -> None:
+    conv = ConvNet().features[0].requires_grad_(False)
+    bound = (6 / (1 * 9 + 32 * 9)) ** 0.5
+    assert float(conv.weight.abs().max()) <= bound
+    assert float(conv.bias.abs().max()) == 0.0
+
+
+def test_dropout_switch() -> None:
+    with_dropout = build_network("convnet", True, 0.25, 0.3)
+    without = build_network("convnet", False, 0.25, 0.3)
+    assert sum(isinstance(m, nn.Dropout) for m in with_dropout.modules()) == 4
+    assert not any(isinstance(m, nn.Dropout) for m in without.modules())
+    assert with_dropout.state_dict().keys() == without.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["convnet-bn", "resnet"])
+def test_other_networks_produce_logits(name: str) -> None:
+    net = build_network(name, True, 0.2, 0.2).eval()
+    assert net(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_standardisation_is_part_of_the_model() -> None:
+    plain = FashionClassifier(dropout=False)
+    standardised = FashionClassifier(dropout=False, input_mean=0.3, input_std=0.35)
+    standardised.net.load_state_dict(plain.net.state_dict())
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.allclose(standardised(x), plain((x - 0.3) / 0.35), atol=1e-5)
+
+
+def test_checkpoint_round_trip_restores_the_variant(trained_run: Path) -> None:
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    model = FashionClassifier.load_from_checkpoint(ckpt, map_location="cpu")  # no extra arguments
+    assert model.hparams["dropout"] is False
+    assert not any(isinstance(m, nn.Dropout) for m in model.modules())
+    hp = read_checkpoint(ckpt)["hyper_parameters"]
+    assert all(isinstance(v, (bool, int, float, str)) for v in hp.values())
+    again = load_classifier(ckpt)
+    x = torch.rand(5, 1, 28, 28)
+    assert torch.equal(model.eval()(x), again(x))
+
+
+def test_checkpoint_records_versions(trained_run: Path) -> None:
+    ours = read_checkpoint(trained_run / "checkpoints" / "last.ckpt")["fmnist_lightning"]
+    assert {"format", "fmnist_lightning", "torch", "lightning", "git_commit"} <= ours.keys()
+
+
+def test_other_programs_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {}}, path)
+    with pytest.raises(CheckpointError, match="not written by fmnist-lightning"):
+        load_classifier(path)
+
+
+def test_report_matches_scikit_learn(trained_run: Path, cli) -> None:
+    """fmnist test's numbers equal scikit-learn's classification_report on the same predictions."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    out = trained_run / "report"
+    code, stdout, err = cli("test", "--ckpt", trained_run / "checkpoints" / "best.ckpt", "--offline", "--out", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    rows = (out / "predictions.csv").read_text().splitlines()
+    header, body = rows[0].split(","), [r.split(",") for r in rows[1:]]
+    assert header[:3] == ["index", "label", "predicted"] and len(header) == 13
+    assert [int(r[0]) for r in body] == list(range(10000))
+    labels = [int(r[1]) for r in body]
+    predicted = [int(r[2]) for r in body]
+    reference = sklearn_metrics.classification_report(
+        labels, predicted, target_names=list(CLASS_NAMES), output_dict=True, zero_division=0
+    )
+    assert report["num_samples"] == 10000
+    assert report["accuracy"] == pytest.approx(reference["accuracy"], abs=1e-6)
+    for name in CLASS_NAMES:
+        ours, theirs = report["per_class"][name], reference[name]
+        assert ours["precision"] == pytest.approx(theirs["precision"], abs=1e-5)
+        assert ours["recall"] == pytest.approx(theirs["recall"], abs=1e-5)
+        assert ours["f1"] == pytest.approx(theirs["f1-score"], abs=1e-5)
+        assert ours["support"] == theirs["support"] == 1000
+    for key, ref in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
+        for metric, ref_metric in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score")):
+            assert report[key][metric] == pytest.approx(reference[ref][ref_metric], abs=1e-5)
+    assert report["confusion_matrix"] == sklearn_metrics.confusion_matrix(labels, predicted).tolist()
+    assert "macro avg" in stdout and "weighted avg" in stdout
+    probs = torch.tensor([[float(v) for v in r[3:]] for r in body])
+    assert torch.allclose(probs.sum(dim=1), torch.ones(10000), atol=1e-4)
+    assert torch.equal(probs.argmax(dim=1), torch.tensor(predicted))
