@@ -39,6 +39,7 @@ app = typer.Typer(
 
 HARDWARE = ("accelerator", "devices", "strategy", "num_nodes", "precision", "gpus")
 DATA = ("data_dir", "offline")
+DEFAULT_PATHS = "raw,fmnist,typical"
 _debug = False  # set by --debug on the root command: show tracebacks instead of one-line errors
 
 
@@ -356,10 +357,233 @@ def compare(
         console.print(table)
 
 
-def main() -> None:
+@app.command()
+@with_settings(("data_dir",))
+def bench(
+    settings: dict[str, Any],
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="32-true, bf16-mixed or 16-mixed (GPU).")] = "32-true",
+    batch_size: Annotated[int, typer.Option(help="Training batch size (all paths).")] = 128,
+    eval_batch_size: Annotated[int, typer.Option(help="Evaluation batch size (all paths but fmnist-fast).")] = 1000,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")] = False,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the network (compile time is warm-up).")
+    ] = False,
+    steps: Annotated[int, typer.Option(help="Measured training steps per path, after the warm-up.")] = 400,
+    epochs: Annotated[
+        float, typer.Option(help="Measure this many 55k epochs instead of --steps (0: use --steps).")
+    ] = 0,
+    warmup_steps: Annotated[int, typer.Option(help="Steps run first and reported separately.")] = 20,
+    paths: Annotated[
+        str, typer.Option(help="Comma-separated: raw, fmnist, typical, fmnist-fast.")
+    ] = "raw,fmnist,typical",
+    quick: Annotated[bool, typer.Option("--quick", help="Few steps: a smoke run in well under 3 minutes.")] = False,
+    json_path: Annotated[
+        Optional[Path], typer.Option("--json", help="Also write all results to this JSON file.")
+    ] = None,
+) -> None:
+    """Benchmark training and evaluation speed: raw PyTorch vs fmnist vs a typical tutorial pipeline."""
+    with user_errors():
+        chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
+        from fmnist_lightning.bench import PATHS, BenchConfig, run_benchmark
+
+        if unknown := [p for p in chosen if p not in PATHS]:
+            raise UsageError(f"unknown benchmark path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+        if min(batch_size, eval_batch_size, steps) < 1 or warmup_steps < 0 or epochs < 0:
+            raise UsageError("batch sizes and --steps must be at least 1, --warmup-steps and --epochs at least 0")
+        if epochs:
+            steps = max(1, round(epochs * 55000 / batch_size) - warmup_steps)
+        if quick:
+            steps, warmup_steps = 40, 5
+        cfg = BenchConfig(
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            channels_last=channels_last,
+            compile=compile,
+            warmup_steps=warmup_steps,
+            steps=steps,
+            paths=chosen,
+            data_dir=_settings(settings).data_dir,
+        )
+        result = run_benchmark(cfg, on_path=lambda p: err_console.print(f"[bold]benchmarking {p}...[/]"))
+        _print_bench(result)
+        if json_path:
+            import json
+
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            json_path.write_text(json.dumps(result, indent=2) + "\n")
+            console.print(f"wrote {json_path}")
+
+
+def _print_bench(result: dict[str, Any]) -> None:
+    cfg, machine = result["config"], result["machine"]
+    title = (
+        f"{cfg['device']} ({machine.get('gpu') or machine['cpu']}, {machine['cpu_threads']} threads), "
+        f"{cfg['precision']}, batch {cfg['batch_size']}, {cfg['steps']} steps after {cfg['warmup_steps']} warm-up; "
+        f"torch {result['versions']['torch']}, lightning {result['versions']['lightning']}"
+    )
+    table = Table(title=title)
+    columns = ("path", "train img/s", "warm-up s", "epoch s", "eval img/s", "eval batch", "peak RSS MB", "CUDA MB")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, r in result["results"].items():
+        cuda = r["cuda_max_allocated_mb"]
+        table.add_row(
+            name,
+            f"{r['train_images_per_s']:,.0f}",
+            f"{r['warmup_s']:.1f}",
+            f"{r['epoch_s']:.1f}",
+            f"{r['eval_images_per_s']:,.0f}",
+            str(r["eval_batch_size"]),
+            f"{r['peak_rss_mb']:,.0f}",
+            "-" if cuda is None else f"{cuda:,.0f}",
+        )
+    console.print(table)
+    for name, ratio in result["ratios"].items():
+        console.print(f"{name}: {ratio:.2f}x")
+
+
+@app.command()
+@with_settings(("accelerator", "gpus", "eval_batch_size"))
+def predict(
+    settings: dict[str, Any],
+    ckpt: CkptOption,
+    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files, or folders of them.", show_default=False)],
+    invert: Annotated[
+        bool,
+        typer.Option(
+            "--invert/--no-invert",
+            help="Invert images with a light background (Fashion-MNIST shows light objects on black).",
+        ),
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the predictions as JSON instead of a table.")] = False,
+) -> None:
+    """Classify your own images: the top 3 classes and their probabilities for each.
+
+    Each image is made to look like Fashion-MNIST: grayscale, the object cropped and scaled to fit
+    28x28 keeping its aspect ratio (a 28x28 image is taken as is), inverted if its background is light.
+    Unreadable files are reported one line each; the exit code is then 1.
+    """
+    with user_errors():
+        s = _settings(settings)
+        import json
+
+        import torch
+        from rich.markup import escape
+
+        from fmnist_lightning.evaluation import load_classifier
+        from fmnist_lightning.inference import Prediction, image_paths, predict_images
+        from fmnist_lightning.training import hardware_for
+
+        device = torch.device("cuda" if hardware_for(s).on_gpu else "cpu")
+        model = load_classifier(ckpt)
+        paths, problems = image_paths(images)
+        predictions = []
+        for outcome in predict_images(model, paths, device, s.eval_batch_size, invert):
+            if isinstance(outcome, Prediction):
+                predictions.append(outcome)
+            else:
+                problems.append(outcome)
+        for problem in problems:
+            err_console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+        if as_json:
+            rows = [
+                {"file": str(p.path), "top3": [{"class": c, "probability": round(v, 6)} for c, v in p.top(3)]}
+                for p in predictions
+            ]
+            typer.echo(json.dumps(rows, indent=2))
+        elif predictions:
+            table = Table(title="Predictions (top 3 classes with probability)")
+            for column in ("file", "1st", "2nd", "3rd"):
+                table.add_column(column)
+            for p in predictions:
+                table.add_row(escape(str(p.path)), *(f"{c} {v:.4f}" for c, v in p.top(3)))
+            console.print(table)
+        if problems:
+            raise typer.Exit(1)
+
+
+@app.command()
+@with_settings(DATA)
+def export(
+    settings: dict[str, Any],
+    ckpt: CkptOption,
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.", show_default=False)],
+    out: Annotated[
+        Optional[Path],
+        typer.Option(help="Output file. Default: model.onnx or model.torchscript.pt in the checkpoint's run folder."),
+    ] = None,
+) -> None:
+    """Export the network for use without this package: ONNX (needs the 'export' extra) or TorchScript.
+
+    The exported model takes float images in [0, 1] shaped (batch, 1, 28, 28), any batch size, and
+    returns logits (batch, 10): apply softmax for probabilities. It is checked against PyTorch on
+    1000 test images; the command fails if they disagree.
+    """
+    with user_errors():
+        s = _settings(settings)
+        from rich.markup import escape
+
+        from fmnist_lightning.data import FashionMNISTDataModule
+        from fmnist_lightning.evaluation import load_classifier
+        from fmnist_lightning.inference import (
+            CHECK_IMAGES,
+            EXPORT_EXTRA_HINT,
+            EXPORT_FORMATS,
+            EXPORT_TOLERANCE,
+            export_model,
+        )
+
+        if fmt not in EXPORT_FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+        path = out or _default_out_for(ckpt) / EXPORT_FORMATS[fmt]
+        model = load_classifier(ckpt)
+        test_images = FashionMNISTDataModule(s.data_dir, offline=s.offline).split("test")[0][:CHECK_IMAGES]
+        result = export_model(model, fmt, path, test_images.unsqueeze(1).float() / 255.0)
+        console.print(
+            f"exported {fmt}: input 'images' float in [0, 1] (batch, 1, 28, 28) -> output 'logits' (batch, 10); "
+            "softmax gives probabilities"
+        )
+        console.print(f"wrote {escape(str(path))} ({path.stat().st_size / 1e6:.1f} MB)")
+        if result.max_abs_diff is None:
+            console.print(f"[yellow]{result.checked_with}[/]: {escape(EXPORT_EXTRA_HINT)} to check it")
+        else:
+            console.print(
+                f"checked with {result.checked_with} on {result.checked_images} test images (batches of 1 and "
+                f"{result.checked_images}): max |logit difference| {result.max_abs_diff:.2e} "
+                f"(tolerance {EXPORT_TOLERANCE:g})"
+            )
+
+
+@app.command()
+@with_settings((*HARDWARE, *DATA, "eval_batch_size"))
+def report(
+    settings: dict[str, Any],
+    run_dir: Annotated[Path, typer.Argument(help="Run folder, e.g. runs/001.", show_default=False)],
+) -> None:
+    """Write RUN_DIR/report.html: settings, learning curves, test report, confusion matrix, sample images.
+
+    Runs `test` and `predict-samples` first when their files are missing or older than the checkpoint.
+    """
+    with user_errors():
+        if not run_dir.is_dir():
+            raise UsageError(f"run folder {run_dir} does not exist")
+        from fmnist_lightning.html_report import SAMPLE_FILES, TEST_FILES, needs_update, write_report
+
+        ckpt = run_dir / "checkpoints" / "best.ckpt"
+        if ckpt.is_file() and needs_update(run_dir, TEST_FILES, ckpt):
+            _test(ckpt, _settings(settings), run_dir)
+        if ckpt.is_file() and needs_update(run_dir, SAMPLE_FILES, ckpt):
+            predict_samples(ckpt=ckpt, out=run_dir, **settings)
+        console.print(f"wrote {write_report(run_dir)}")
+
+
+def main(args: list[str] | None = None) -> None:
     """Entry point: command-line usage errors also become one line (exit 2) instead of a panel."""
     try:
-        result = app(standalone_mode=False, prog_name="fmnist")
+        result = app(args=args, standalone_mode=False, prog_name="fmnist")
     except typer.Abort:
         sys.exit(130)
     except Exception as exc:

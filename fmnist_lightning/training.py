@@ -485,15 +485,22 @@ def claimed_run_dir(out: Path | None) -> Iterator[Path]:
         os.environ.pop(RUN_DIR_ENV, None)
 
 
-def run_fit(s: Settings, out: Path | None = None, resume: bool = False, overwrite: bool = False) -> FitResult:
-    """Train as `fmnist fit` does and return where everything went."""
+def run_fit(
+    s: Settings,
+    out: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    extra_callbacks: list[Callback] | None = None,
+) -> FitResult:
+    """Train as `fmnist fit` does and return where everything went. `extra_callbacks` are added
+    to the Trainer (for library users and tests that want to observe training)."""
     hw = hardware_for(s)
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
     with claimed_run_dir(out) as run_dir:
         last = run_dir / "checkpoints" / "last.ckpt"
         if not is_rank_zero_process():  # rank 0 checked and prepared the folder
-            return _train(s, hw, run_dir, last if resume else None)
+            return _train(s, hw, run_dir, last if resume else None, extra_callbacks)
         prepare_run_dir(run_dir, resume, overwrite)
         if resume:
             done = checkpoint_epoch(last)
@@ -503,14 +510,16 @@ def run_fit(s: Settings, out: Path | None = None, resume: bool = False, overwrit
             if overwrite:
                 remove_run_files(run_dir)
             save_yaml(s, run_dir / "config.yaml", provenance())
-            return _train(s, hw, run_dir, last if resume else None)
+            return _train(s, hw, run_dir, last if resume else None, extra_callbacks)
 
 
-def _train(s: Settings, hw: Hardware, run_dir: Path, ckpt_path: Path | None) -> FitResult:
+def _train(
+    s: Settings, hw: Hardware, run_dir: Path, ckpt_path: Path | None, extra_callbacks: list[Callback] | None
+) -> FitResult:
     L.seed_everything(s.seed, workers=False, verbose=False)
     datamodule = build_datamodule(s)
     model = build_model(s, datamodule)
-    trainer = build_trainer(s, hw, run_dir)
+    trainer = build_trainer(s, hw, run_dir, extra_callbacks)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     wall = time.perf_counter() - start

@@ -1,0 +1,369 @@
+"""Training and evaluation throughput of three ways to train the same CNN, in one process and run.
+
+- `raw`: a hand-written PyTorch loop over tensors already in memory (the floor to beat).
+- `fmnist`: this project's path: its data module, LightningModule and Trainer as `fmnist fit`
+  builds them, progress bar on.
+- `typical`: what most tutorials write: torchvision `FashionMNIST` + `ToTensor` + `DataLoader`
+  (shuffle, 0 workers) + a default `lightning.Trainer`.
+- `fmnist-fast` (optional): the project's fastest setting for the device (`fast_settings`).
+
+Each path runs the same number of steps after the same warm-up; ratios measured in one run survive
+a noisy machine, absolute numbers do not. Peak RSS is the process's high-water mark after each
+path (paths run in the order given, so later paths can only report the same or more).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import resource
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from fmnist_lightning.config import Settings, provenance
+from fmnist_lightning.data import FILES, FashionMNISTDataModule, locate, read_verified
+from fmnist_lightning.model import ConvNet
+from fmnist_lightning.training import Hardware, build_datamodule, build_model, build_trainer, resolve_hardware
+
+PATHS = ("raw", "fmnist", "typical", "fmnist-fast")
+
+
+@dataclass
+class BenchConfig:
+    device: str = "cpu"
+    precision: str = "32-true"
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    channels_last: bool = False
+    compile: bool = False
+    warmup_steps: int = 20
+    steps: int = 200  # measured training steps per path, after the warm-up
+    paths: tuple[str, ...] = ("raw", "fmnist", "typical")
+    data_dir: str = "data"
+    seed: int = 0
+
+
+@dataclass
+class PathResult:
+    train_images_per_s: float
+    warmup_s: float
+    epoch_s: float  # one 55k epoch at the measured speed, warm-up included
+    eval_images_per_s: float
+    eval_batch_size: int
+    peak_rss_mb: float
+    cuda_max_allocated_mb: float | None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU has native bf16 instructions (else bf16 autocast is emulated and slower)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def fast_settings(device: str) -> dict[str, Any]:
+    """The project's fastest setting for a device: what `configs/fast-cpu.yaml` / a GPU run use."""
+    if device == "cpu":
+        return {
+            "channels_last": True,
+            "precision": "bf16-mixed" if cpu_supports_bf16() else "32-true",
+            "eval_batch_size": 250,
+        }
+    return {"channels_last": True, "precision": "bf16-mixed", "eval_batch_size": 2000}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "16-mixed":
+        return torch.autocast(device.type, dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+class _StepTimer(Callback):
+    """Times training steps after the warm-up, and the test epoch, with a device sync at each mark."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = self.warm_end = self.end = 0.0
+        self.steps = 0
+        self.test_start = self.test_end = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self.start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        if idx == self.warmup:
+            _sync(pl_module.device)
+            self.warm_end = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any, idx: int
+    ) -> None:
+        self.steps = idx + 1
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self.end = time.perf_counter()
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self.test_start = time.perf_counter()
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module.device)
+        self.test_end = time.perf_counter()
+
+    def result(self, cfg: BenchConfig, eval_batch_size: int, device: torch.device) -> PathResult:
+        measured = self.steps - self.warmup
+        speed = measured * cfg.batch_size / (self.end - self.warm_end)
+        return _result(
+            speed, self.warm_end - self.start, 10000 / (self.test_end - self.test_start), eval_batch_size, device
+        )
+
+
+def _result(speed: float, warmup_s: float, eval_speed: float, eval_batch_size: int, device: torch.device) -> PathResult:
+    # Epoch time from the steady speed plus the measured warm-up, so quick runs need no full epoch.
+    return PathResult(
+        train_images_per_s=speed,
+        warmup_s=warmup_s,
+        epoch_s=warmup_s + 55000 / speed,
+        eval_images_per_s=eval_speed,
+        eval_batch_size=eval_batch_size,
+        peak_rss_mb=_rss_mb(),
+        cuda_max_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    )
+
+
+def _total_steps(cfg: BenchConfig) -> int:
+    return cfg.warmup_steps + cfg.steps
+
+
+def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, device: torch.device) -> PathResult:
+    """The floor: a plain loop, whole splits as float tensors on the device, no framework."""
+    torch.manual_seed(cfg.seed)
+    images, labels = (t.to(device) for t in dm.split("train"))
+    x_all = images.unsqueeze(1).float().div_(255.0)
+    net = ConvNet().to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    if cfg.compile:
+        net.compile()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    order = torch.randperm(len(labels), device=device)
+    n = cfg.batch_size
+
+    def step(i: int) -> None:
+        idx = order[(i * n) % (len(order) - n) :][:n]
+        x = x_all[idx].contiguous(memory_format=memory_format)
+        with _autocast(device, cfg.precision):
+            loss = F.cross_entropy(net(x), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(cfg.warmup_steps):
+        step(i)
+    _sync(device)
+    warm = time.perf_counter()
+    for i in range(cfg.warmup_steps, _total_steps(cfg)):
+        step(i)
+    _sync(device)
+    speed = (_total_steps(cfg) - cfg.warmup_steps) * n / (time.perf_counter() - warm)
+
+    test_images = dm.split("test")[0].to(device).unsqueeze(1).float().div_(255.0)
+    net.eval()
+    with torch.inference_mode(), _autocast(device, cfg.precision):
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(0, len(test_images), cfg.eval_batch_size):
+            net(test_images[i : i + cfg.eval_batch_size].contiguous(memory_format=memory_format))
+        _sync(device)
+        eval_speed = len(test_images) / (time.perf_counter() - t0)
+    return _result(speed, warm - start, eval_speed, cfg.eval_batch_size, device)
+
+
+def _hardware(cfg: BenchConfig, precision: str) -> Hardware:
+    return resolve_hardware(accelerator="gpu" if cfg.device == "cuda" else "cpu", devices="1", precision=precision)
+
+
+def bench_fmnist(cfg: BenchConfig, workdir: Path, overrides: dict[str, Any] | None = None) -> PathResult:
+    """The project's own path, built by the same functions `fmnist fit` and `fmnist test` use."""
+    s = Settings(
+        batch_size=cfg.batch_size,
+        eval_batch_size=cfg.eval_batch_size,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
+        precision=cfg.precision,
+        dropout=False,
+        max_epochs=1,
+        limit_train_batches=_total_steps(cfg),
+        limit_val_batches=0,
+        data_dir=cfg.data_dir,
+        offline=True,
+        seed=cfg.seed,
+    )
+    s = replace(s, **(overrides or {}))
+    hw = _hardware(cfg, s.precision)
+    L.seed_everything(cfg.seed, verbose=False)
+    dm = build_datamodule(s)
+    model = build_model(s, dm)
+    timer = _StepTimer(cfg.warmup_steps)
+    trainer = build_trainer(s, hw, workdir / "fmnist", extra_callbacks=[timer])
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    result = timer.result(cfg, s.eval_batch_size, trainer.strategy.root_device)
+    result.settings = {k: getattr(s, k) for k in ("precision", "channels_last", "eval_batch_size", "compile")}
+    return result
+
+
+class _TypicalModule(L.LightningModule):
+    """The LightningModule a typical tutorial writes: integer labels, per-step logging."""
+
+    def __init__(self, channels_last: bool) -> None:
+        super().__init__()
+        self.net = ConvNet()
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net = self.net.to(memory_format=self.memory_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.contiguous(memory_format=self.memory_format))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def _torchvision_copy(data_dir: str, root: Path) -> Path:
+    """torchvision's FashionMNIST wants the uncompressed files in ROOT/FashionMNIST/raw."""
+    paths, _ = locate(Path(data_dir), offline=True)
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for key, spec in FILES.items():
+        (raw / spec.name).write_bytes(read_verified(paths[key], spec))
+    return root
+
+
+def bench_typical(cfg: BenchConfig, workdir: Path) -> PathResult:
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    root = _torchvision_copy(cfg.data_dir, workdir / "torchvision")
+    train = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
+    test = datasets.FashionMNIST(str(root), train=False, transform=transforms.ToTensor())
+    L.seed_everything(cfg.seed, verbose=False)
+    model = _TypicalModule(cfg.channels_last)
+    if cfg.compile:
+        model.net.compile()
+    timer = _StepTimer(cfg.warmup_steps)
+    trainer = L.Trainer(
+        accelerator="gpu" if cfg.device == "cuda" else "cpu",
+        devices=1,
+        precision=cfg.precision,  # type: ignore[arg-type]
+        max_epochs=1,
+        limit_train_batches=_total_steps(cfg),
+        callbacks=[timer],
+        default_root_dir=str(workdir / "typical"),
+    )
+    trainer.fit(model, DataLoader(train, batch_size=cfg.batch_size, shuffle=True))
+    trainer.test(model, DataLoader(test, batch_size=cfg.eval_batch_size), verbose=False)
+    return timer.result(cfg, cfg.eval_batch_size, trainer.strategy.root_device)
+
+
+def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the chosen paths; return everything measured, with versions and machine, as a dict."""
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from fmnist_lightning.errors import UsageError
+
+        raise UsageError("--device cuda asked for, but no GPU is visible")
+    dm = FashionMNISTDataModule(data_dir=cfg.data_dir, offline=True)
+    dm.setup()
+    results: dict[str, PathResult] = {}
+    with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
+        workdir = Path(tmp)
+        for path in cfg.paths:
+            if on_path:
+                on_path(path)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if path == "raw":
+                results[path] = bench_raw(cfg, dm, device)
+            elif path == "fmnist":
+                results[path] = bench_fmnist(cfg, workdir)
+            elif path == "typical":
+                results[path] = bench_typical(cfg, workdir)
+            else:
+                results[path] = bench_fmnist(cfg, workdir, fast_settings(cfg.device))
+    return {
+        "config": asdict(cfg),
+        "machine": _machine(device),
+        "versions": provenance(),
+        "date": time.strftime("%Y-%m-%d"),
+        "results": {name: asdict(r) for name, r in results.items()},
+        "ratios": _ratios(results),
+    }
+
+
+def _ratios(results: dict[str, PathResult]) -> dict[str, float]:
+    ratios = {}
+    for top in ("fmnist", "fmnist-fast"):
+        for base in ("raw", "typical"):
+            if top in results and base in results:
+                a, b = results[top], results[base]
+                ratios[f"{top}/{base} train"] = a.train_images_per_s / b.train_images_per_s
+                ratios[f"{top}/{base} eval"] = a.eval_images_per_s / b.eval_images_per_s
+    return ratios
+
+
+def _machine(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_bf16": cpu_supports_bf16(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
