@@ -25,7 +25,7 @@ from rich.table import Table
 
 from fmnist_lightning import __version__
 from fmnist_lightning.config import Settings, resolve_settings, setting_fields
-from fmnist_lightning.errors import FmnistError, UsageError
+from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -56,7 +56,8 @@ def user_errors() -> Iterator[None]:
     except FmnistError as exc:
         if _debug:
             raise
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        label = "[bold yellow]interrupted:[/]" if isinstance(exc, TrainingInterrupted) else "[bold red]error:[/]"
+        err_console.print(f"{label} {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -446,11 +447,14 @@ def _print_bench(result: dict[str, Any]) -> None:
 
 
 @app.command()
-@with_settings(("accelerator", "gpus", "eval_batch_size"))
+@with_settings(("accelerator", "eval_batch_size"))
 def predict(
     settings: dict[str, Any],
     ckpt: CkptOption,
-    images: Annotated[list[Path], typer.Argument(help="PNG or JPEG files, or folders of them.", show_default=False)],
+    images: Annotated[
+        list[Path],
+        typer.Argument(metavar="IMAGE_OR_FOLDER", help="PNG or JPEG files, or folders of them.", show_default=False),
+    ],
     invert: Annotated[
         bool,
         typer.Option(
@@ -464,6 +468,7 @@ def predict(
 
     Each image is made to look like Fashion-MNIST: grayscale, the object cropped and scaled to fit
     28x28 keeping its aspect ratio (a 28x28 image is taken as is), inverted if its background is light.
+    Images go through the model in batches of --eval-batch-size, on the first GPU when there is one.
     Unreadable files are reported one line each; the exit code is then 1.
     """
     with user_errors():
@@ -542,26 +547,24 @@ def export(
         model = load_classifier(ckpt)
         test_images = FashionMNISTDataModule(s.data_dir, offline=s.offline).split("test")[0][:CHECK_IMAGES]
         result = export_model(model, fmt, path, test_images.unsqueeze(1).float() / 255.0)
-        console.print(
-            f"exported {fmt}: input 'images' float in [0, 1] (batch, 1, 28, 28) -> output 'logits' (batch, 10); "
-            "softmax gives probabilities"
-        )
-        console.print(f"wrote {escape(str(path))} ({path.stat().st_size / 1e6:.1f} MB)")
+        # ONNX tensors have names; a TorchScript module takes and returns plain tensors.
+        input_name, output_name = (" 'images'", " 'logits'") if fmt == "onnx" else ("", "")
+        console.print(f"wrote {escape(str(path))} ({fmt}, {path.stat().st_size / 1e6:.1f} MB)")
+        console.print(f"  input{input_name}: float (batch, 1, 28, 28) in [0, 1], any batch size")
+        console.print(f"  output{output_name}: float (batch, 10), the logits; softmax gives the class probabilities")
         if result.max_abs_diff is None:
-            console.print(f"[yellow]{result.checked_with}[/]: {escape(EXPORT_EXTRA_HINT)} to check it")
+            console.print(f"[yellow]not checked[/]: {result.runtime} is not installed ({escape(EXPORT_EXTRA_HINT)})")
         else:
-            console.print(
-                f"checked with {result.checked_with} on {result.checked_images} test images (batches of 1 and "
-                f"{result.checked_images}): max |logit difference| {result.max_abs_diff:.2e} "
-                f"(tolerance {EXPORT_TOLERANCE:g})"
-            )
+            n = result.checked_images
+            console.print(f"checked against PyTorch with {result.runtime} on {n} test images (batches of 1 and {n}):")
+            console.print(f"  max |logit difference| {result.max_abs_diff:.2e} (tolerance {EXPORT_TOLERANCE:g})")
 
 
 @app.command()
 @with_settings((*HARDWARE, *DATA, "eval_batch_size"))
 def report(
     settings: dict[str, Any],
-    run_dir: Annotated[Path, typer.Argument(help="Run folder, e.g. runs/001.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder, e.g. runs/001.", show_default=False)],
 ) -> None:
     """Write RUN_DIR/report.html: settings, learning curves, test report, confusion matrix, sample images.
 

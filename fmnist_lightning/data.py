@@ -294,8 +294,9 @@ class TensorBatches:
     over are a different few each epoch, because the order is reshuffled); for evaluation every
     sample is used exactly once and ranks may differ by one sample.
 
-    It is resumable: `state_dict()` records the epoch and how many batches were served, so a run
-    interrupted mid-epoch continues with the very next batch (Lightning calls these hooks).
+    It is resumable: `position()` records the epoch and how many batches were served, so a run
+    interrupted mid-epoch continues with the very next batch (the data module saves it in
+    checkpoints).
     """
 
     def __init__(
@@ -336,11 +337,12 @@ class TensorBatches:
         if epoch != self.epoch:
             self.epoch, self._skip = epoch, 0
 
-    def state_dict(self) -> dict[str, int]:
+    def position(self) -> dict[str, int]:
         return {"epoch": self.epoch, "served": self._served}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self._skip = int(state["epoch"]), int(state["served"])
+    def restore(self, position: dict[str, int]) -> None:
+        """Continue from `position`: the next iteration of that epoch skips the batches served."""
+        self.epoch, self._skip = int(position["epoch"]), int(position["served"])
 
     def indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in order."""
@@ -413,6 +415,8 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.label_smoothing = label_smoothing
         self.augment, self.seed = augment or Augment(), seed
         self.data: FashionMNIST | None = None
+        self._train: TensorBatches | None = None
+        self._resume_position: dict[str, int] | None = None
 
     def prepare_data(self) -> None:
         # Runs once per node before setup: the only place that may download.
@@ -459,8 +463,17 @@ class FashionMNISTDataModule(L.LightningDataModule):
             **kwargs,
         )
 
+    # Lightning saves and restores a data module's state_dict in checkpoints. Resuming goes through
+    # here rather than a loader's own state_dict: Lightning loads loader states only when it creates
+    # the loader after restoring, which a schedule sized by `estimated_stepping_batches` prevents.
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_position": self._train.position() if self._train else None}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_position = state_dict.get("train_position")
+
     def train_dataloader(self) -> TensorBatches:
-        return self._batches(
+        self._train = self._batches(
             "train",
             batch_size=self.batch_size,
             shuffle=True,
@@ -469,6 +482,10 @@ class FashionMNISTDataModule(L.LightningDataModule):
             label_smoothing=self.label_smoothing,
             augment=self.augment,
         )
+        if self._resume_position:
+            self._train.restore(self._resume_position)
+            self._resume_position = None
+        return self._train
 
     def val_dataloader(self) -> TensorBatches:
         return self._batches("val", batch_size=self.eval_batch_size)

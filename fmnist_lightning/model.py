@@ -179,6 +179,9 @@ class FashionClassifier(L.LightningModule):
             self.net = self.net.to(memory_format=torch.channels_last)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
+        # Saved in checkpoints, so an epoch interrupted and resumed reports the same train metrics.
+        self.train_loss.persistent(True)
+        self.train_acc.persistent(True)
         self.val_metrics = classification_metrics("val/")
         self.test_metrics = classification_metrics("test/")
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []

@@ -221,6 +221,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-save
+                stale.unlink(missing_ok=True)
             with open(tmp, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()
@@ -253,6 +255,10 @@ class EpochMetricsCSV(Callback):
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)  # once per epoch: honest timings
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed mid-epoch skips on_train_epoch_start for that epoch: time it from here.
+        self._start = time.perf_counter()
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._sync(pl_module)
@@ -320,12 +326,22 @@ class GracefulInterrupt(Callback):
         if stop:
             trainer.save_checkpoint(self.last_ckpt)
             name = signal.Signals(self.requested).name if self.requested else "a signal on another rank"
-            raise TrainingInterrupted(f"stopped by {name} at epoch {trainer.current_epoch + 1}; saved {self.last_ckpt}")
+            run_dir = self.last_ckpt.parent.parent
+            raise TrainingInterrupted(
+                f"stopped by {name} in epoch {trainer.current_epoch + 1} after step {trainer.global_step}; "
+                f"saved {self.last_ckpt}. Continue with: fmnist fit --out {run_dir} --resume"
+            )
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def _restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +394,8 @@ def _logger(run_dir: Path) -> Any:
 def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
     # We log per epoch only, so Lightning's hint about short epochs vs. log_every_n_steps is noise.
     warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
+    # Our data module restores the position inside the epoch itself (see its state_dict).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     ckpt_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
@@ -439,10 +457,11 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
 
 
 def checkpoint_epoch(path: Path) -> int:
-    """Epochs completed when a checkpoint was written (Lightning's `epoch` field)."""
+    """Epochs whose training had finished when the checkpoint was written."""
     from fmnist_lightning.evaluation import read_checkpoint
 
-    return int(read_checkpoint(path).get("epoch", 0))
+    progress = read_checkpoint(path).get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    return int(progress.get("current", {}).get("processed", 0))
 
 
 def fit_settings(config: Path | None, overrides: dict[str, Any], out: Path | None, resume: bool) -> Settings:

@@ -1,0 +1,190 @@
+"""Every bad input gets one clear line on stderr, the right exit code, no traceback, and leaves
+the output folder untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+def _bad_files(tmp: Path) -> dict[str, Path]:
+    """Broken configs and checkpoints, written once per test."""
+    files = {
+        "folder": tmp / "a-folder",
+        "empty.yaml": tmp / "empty.yaml",
+        "malformed.yaml": tmp / "malformed.yaml",
+        "unknown.yaml": tmp / "unknown.yaml",
+        "wrongtype.yaml": tmp / "wrongtype.yaml",
+        "empty.ckpt": tmp / "empty.ckpt",
+        "random.ckpt": tmp / "random.ckpt",
+        "other-program.ckpt": tmp / "other-program.ckpt",
+        "a-file": tmp / "a-file",
+    }
+    files["folder"].mkdir()
+    files["empty.yaml"].write_text("")
+    files["malformed.yaml"].write_text("max_epochs: [1, 2\nlr: 0.1\n")
+    files["unknown.yaml"].write_text("max_epochs: 2\nlearning_rate: 0.1\n")
+    files["wrongtype.yaml"].write_text("max_epochs: two\n")
+    files["empty.ckpt"].write_bytes(b"")
+    files["random.ckpt"].write_bytes(bytes(range(256)) * 64)
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, files["other-program.ckpt"])
+    files["a-file"].write_text("not a folder")
+    return files
+
+
+FIT_CASES = [
+    # (arguments after `fit`, exit code, text the one error line must contain)
+    (["--max-epochs", "0"], 2, "max_epochs must be at least 1"),
+    (["--batch-size", "-4"], 2, "batch_size must be a positive integer"),
+    (["--batch-size", "1.5"], 2, "--batch-size"),
+    (["--lr", "-0.1"], 2, "lr must be a positive number"),
+    (["--lr", "0"], 2, "lr must be a positive number"),
+    (["--lr", "nan"], 2, "lr must be a positive number"),
+    (["--dropout-conv", "-0.1"], 2, "dropout_conv must be in [0, 1)"),
+    (["--dropout-dense", "1"], 2, "dropout_dense must be in [0, 1)"),
+    (["--seed", "-1"], 2, "seed must be in 0..4294967295"),
+    (["--seed", "4294967296"], 2, "seed must be in 0..4294967295"),
+    (["--devices", "0"], 2, "devices must be"),
+    (["--precision", "fp8"], 2, "--precision"),
+    (["--strategy", "horovod"], 2, "--strategy"),
+    (["--config", "{missing}"], 2, "does not exist"),
+    (["--config", "{folder}"], 2, "is a folder"),
+    (["--config", "{empty.yaml}"], 2, "is empty"),
+    (["--config", "{malformed.yaml}"], 2, "not valid YAML"),
+    (["--config", "{unknown.yaml}"], 2, "unknown setting 'learning_rate'"),
+    (["--config", "{wrongtype.yaml}"], 2, "must be of type int"),
+    (["--resume"], 2, "cannot resume"),
+    (["--out", "{a-file}/run"], 1, "cannot create output folder"),
+]
+if not torch.cuda.is_available():
+    FIT_CASES.append((["--gpus", "1"], 2, "no GPU is visible"))
+
+CKPT_CASES = [
+    ("{missing}", "does not exist"),
+    ("{folder}", "is a folder"),
+    ("{empty.ckpt}", "is empty"),
+    ("{truncated}", "truncated, corrupt or not a PyTorch file"),
+    ("{random.ckpt}", "truncated, corrupt or not a PyTorch file"),
+    ("{other-program.ckpt}", "not written by fmnist-lightning"),
+]
+
+
+def _fill(args: list[str], files: dict[str, Path]) -> list[str]:
+    """Replace {name} placeholders with the paths of the broken files."""
+    filled = []
+    for arg in args:
+        for name, path in files.items():
+            arg = arg.replace("{" + name + "}", str(path))
+        filled.append(arg)
+    return filled
+
+
+def _assert_one_clear_line(code: int, err: str, expected_code: int, text: str) -> None:
+    assert code == expected_code, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    assert text in lines[0], err
+
+
+@pytest.fixture
+def existing_run(trained_run: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of a real run folder, and a snapshot of its files to prove nothing changed."""
+    import shutil
+
+    run = tmp_path / "existing-run"
+    shutil.copytree(trained_run, run)
+    return run, _snapshot(run)
+
+
+@pytest.mark.parametrize(("args", "code", "text"), FIT_CASES, ids=[" ".join(c[0]) for c in FIT_CASES])
+def test_fit_bad_input(args: list[str], code: int, text: str, cli, tmp_path: Path, existing_run) -> None:
+    run, before = existing_run
+    files = {**_bad_files(tmp_path), "missing": tmp_path / "missing.yaml"}
+    out_args = [] if "--out" in args else ["--out", str(run)]
+    if "--resume" in args:  # a run folder without last.ckpt
+        (run / "checkpoints" / "last.ckpt").unlink()
+        before = _snapshot(run)
+    result = cli("fit", "--offline", *_fill(args, files), *out_args)
+    _assert_one_clear_line(*result[::2], code, text)
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize(("ckpt", "text"), CKPT_CASES, ids=[c[0].strip("{}") for c in CKPT_CASES])
+@pytest.mark.parametrize("command", ["test", "predict-samples"])
+def test_bad_checkpoint(command: str, ckpt: str, text: str, cli, tmp_path: Path, trained_run: Path) -> None:
+    files = {**_bad_files(tmp_path), "missing": tmp_path / "missing.ckpt", "truncated": tmp_path / "truncated.ckpt"}
+    good = (trained_run / "checkpoints" / "best.ckpt").read_bytes()
+    files["truncated"].write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    result = cli(command, "--ckpt", _fill([ckpt], files)[0], "--offline", "--out", out)
+    _assert_one_clear_line(*result[::2], 1, text)
+    assert not out.exists()
+
+
+def test_checkpoint_of_another_model_is_refused(cli, tmp_path: Path, trained_run: Path) -> None:
+    ckpt = torch.load(trained_run / "checkpoints" / "best.ckpt", weights_only=True)
+    ckpt["state_dict"] = {k.replace("net.", "backbone."): v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, tmp_path / "other-model.ckpt")
+    result = cli("test", "--ckpt", tmp_path / "other-model.ckpt", "--offline", "--out", tmp_path / "o")
+    _assert_one_clear_line(*result[::2], 1, "holds a model this version cannot rebuild")
+
+
+@pytest.mark.parametrize("num", ["0", "10001"])
+def test_predict_samples_num_out_of_range(num: str, cli, trained_run: Path) -> None:
+    result = cli("predict-samples", "--ckpt", trained_run / "checkpoints" / "best.ckpt", "--num", num)
+    _assert_one_clear_line(*result[::2], 2, "--num must be between 1 and 10000")
+
+
+def test_out_holding_another_run_is_refused(cli, existing_run) -> None:
+    run, before = existing_run
+    result = cli("fit", "--offline", "--out", run)
+    _assert_one_clear_line(*result[::2], 2, "already holds a run; use --resume")
+    assert _snapshot(run) == before
+
+
+def test_resume_below_checkpoint_epoch_is_refused(cli, existing_run) -> None:
+    run, before = existing_run  # the trained run finished 2 epochs
+    result = cli("fit", "--offline", "--out", run, "--resume", "--max-epochs", "1")
+    _assert_one_clear_line(*result[::2], 2, "--max-epochs 1 is below the 2 epochs")
+    assert _snapshot(run) == before
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "fmnist_lightning", "--debug", "test", "--ckpt", str(tmp_path / "missing.ckpt")]
+    result = subprocess.run(args, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "CheckpointError" in result.stderr
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    from fmnist_lightning.errors import FmnistError
+    from fmnist_lightning.training import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"epoch": 1}, path)
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(FmnistError, match="disk full while saving .*previous checkpoint is intact"):
+        io.save_checkpoint({"epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind

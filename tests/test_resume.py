@@ -1,0 +1,174 @@
+"""Interruptions cost nothing: Ctrl-C/SIGTERM save a resumable checkpoint, resuming gives the same
+result as never stopping, kill -9 never corrupts a checkpoint, two runs never share a folder, and
+seeded deterministic runs repeat bit for bit."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from fmnist_lightning.config import Settings
+from fmnist_lightning.errors import FmnistError, TrainingInterrupted
+from fmnist_lightning.training import RunLock, run_fit
+
+METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """Dropout, augmentation and a cosine schedule: every piece of state a resume must restore."""
+    return Settings(
+        max_epochs=2,
+        batch_size=64,
+        limit_train_batches=12,
+        limit_val_batches=2,
+        augment=True,
+        random_erasing=0.3,
+        lr_schedule="cosine",
+        seed=11,
+        deterministic=True,
+        offline=True,
+        progress=False,
+        accelerator="cpu",
+    )
+
+
+class SignalAt(Callback):
+    """Sends the process a signal at the end of one training step, as Ctrl-C would."""
+
+    def __init__(self, epoch: int, batch: int, signum: int = signal.SIGINT) -> None:
+        self.epoch, self.batch, self.signum = epoch, batch, signum
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
+            os.kill(os.getpid(), self.signum)
+
+
+def _metrics(run: Path) -> list[dict[str, float]]:
+    if not (run / "metrics.csv").exists():
+        return []
+    with (run / "metrics.csv").open() as f:
+        return [{k: float(row[k]) for k in ("epoch", *METRICS)} for row in csv.DictReader(f)]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize(("epoch", "batch", "signum"), [(0, 6, signal.SIGINT), (1, 2, signal.SIGTERM)])
+def test_interrupted_and_resumed_run_equals_uninterrupted(
+    real_data: None, settings: Settings, tmp_path: Path, epoch: int, batch: int, signum: int
+) -> None:
+    run_fit(settings, out=tmp_path / "straight")
+    with pytest.raises(TrainingInterrupted, match=f"Continue with: fmnist fit --out {tmp_path / 'cut'} --resume"):
+        run_fit(settings, out=tmp_path / "cut", extra_callbacks=[SignalAt(epoch, batch, signum)])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    interrupted_rows = len(_metrics(tmp_path / "cut"))
+    assert interrupted_rows == epoch
+    run_fit(settings, out=tmp_path / "cut", resume=True)
+
+    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "cut")
+    assert [r["epoch"] for r in resumed] == [1.0, 2.0]
+    for a, b in zip(straight, resumed):
+        for key in METRICS:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for name, tensor in _weights(tmp_path / "straight").items():
+        assert torch.allclose(tensor.float(), _weights(tmp_path / "cut")[name].float(), atol=1e-5), name
+
+
+def test_resume_can_extend_a_finished_run(real_data: None, settings: Settings, tmp_path: Path) -> None:
+    short = replace(settings, max_epochs=1)
+    run_fit(short, out=tmp_path / "run")
+    result = run_fit(replace(short, max_epochs=2), out=tmp_path / "run", resume=True)
+    assert result.epochs == 2
+    assert [r["epoch"] for r in _metrics(tmp_path / "run")] == [1.0, 2.0]
+
+
+def test_same_seed_deterministic_runs_are_bit_identical(real_data: None, settings: Settings, tmp_path: Path) -> None:
+    one_epoch = replace(settings, max_epochs=1)
+    run_fit(one_epoch, out=tmp_path / "a")
+    run_fit(one_epoch, out=tmp_path / "b")
+    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
+    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_second_fit_on_the_same_folder_is_refused(real_data: None, settings: Settings, tmp_path: Path, cli) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):
+        code, _, err = cli("fit", "--offline", "--out", run, "--max-epochs", "1")
+    assert code == 1
+    assert "another fmnist process" in err and "is writing to" in err
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # the refused run wrote nothing
+
+
+def test_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"from fmnist_lightning.training import RunLock; from pathlib import Path; "
+         f"import time; RunLock(Path({str(tmp_path)!r})).__enter__(); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    with pytest.raises(FmnistError, match="another fmnist process"), RunLock(tmp_path):
+        pass
+    holder.kill()  # kill -9: the kernel drops the lock with the process
+    holder.wait()
+    with RunLock(tmp_path):
+        pass
+
+
+SAVE_LOOP = """
+import sys, torch
+from pathlib import Path
+from fmnist_lightning.training import AtomicCheckpointIO
+io, path = AtomicCheckpointIO(), Path(sys.argv[1])
+for i in range(10**6):
+    io.save_checkpoint({"i": i, "weights": torch.full((3_000_000,), float(i))}, path)
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.3, 0.7])
+def test_kill_9_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path: Path, delay: float) -> None:
+    path = tmp_path / "last.ckpt"
+    saver = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
+    assert saver.stdout is not None
+    saver.stdout.readline()  # one complete save exists
+    time.sleep(delay)
+    saver.send_signal(signal.SIGKILL)
+    saver.wait()
+    ckpt = torch.load(path, weights_only=True)  # always a whole checkpoint, old or new
+    assert torch.equal(ckpt["weights"], torch.full((3_000_000,), float(ckpt["i"])))
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_cli_saves_and_prints_the_resume_command(real_data: None, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "fmnist_lightning", "fit", "--offline", "--accelerator", "cpu", "--no-progress",
+            "--max-epochs", "1", "--limit-train-batches", "300", "--limit-val-batches", "1",
+            "--out", str(run)]  # fmt: skip
+    env = {**os.environ, "COLUMNS": "300"}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (run / "tensorboard").exists() and time.time() < deadline:  # the Trainer has started
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"Continue with: fmnist fit --out {run} --resume" in err and "Traceback" not in err
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 0
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert len(_metrics(run)) == 1
