@@ -244,6 +244,7 @@ def _print_fit_summary(result: Any) -> None:
     table.add_row("best checkpoint", str(result.best_checkpoint))
     table.add_row("wall time", f"{result.wall_time_s:.1f} s")
     table.add_row("training speed", f"{result.images_per_s:,.0f} images/s")
+    table.add_row("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MB")
     console.print(table)
 
 
@@ -370,15 +371,15 @@ def bench(
     compile: Annotated[
         bool, typer.Option("--compile", help="torch.compile the network (compile time is warm-up).")
     ] = False,
-    steps: Annotated[int, typer.Option(help="Measured training steps per path, after the warm-up.")] = 400,
+    steps: Annotated[Optional[int], typer.Option(help="Measured training steps per path.", show_default="400")] = None,
     epochs: Annotated[
         float, typer.Option(help="Measure this many 55k epochs instead of --steps (0: use --steps).")
     ] = 0,
-    warmup_steps: Annotated[int, typer.Option(help="Steps run first and reported separately.")] = 20,
+    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps timed apart first.", show_default="20")] = None,
     paths: Annotated[
         str, typer.Option(help="Comma-separated: raw, fmnist, typical, fmnist-fast.")
     ] = "raw,fmnist,typical",
-    quick: Annotated[bool, typer.Option("--quick", help="Few steps: a smoke run in well under 3 minutes.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Defaults of 40 steps after 5: well under 3 minutes.")] = False,
     json_path: Annotated[
         Optional[Path], typer.Option("--json", help="Also write all results to this JSON file.")
     ] = None,
@@ -390,12 +391,12 @@ def bench(
 
         if unknown := [p for p in chosen if p not in PATHS]:
             raise UsageError(f"unknown benchmark path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+        warmup_steps = warmup_steps if warmup_steps is not None else (5 if quick else 20)
+        steps = steps if steps is not None else (40 if quick else 400)
+        if epochs:
+            steps = round(epochs * 55000 / batch_size) - warmup_steps
         if min(batch_size, eval_batch_size, steps) < 1 or warmup_steps < 0 or epochs < 0:
             raise UsageError("batch sizes and --steps must be at least 1, --warmup-steps and --epochs at least 0")
-        if epochs:
-            steps = max(1, round(epochs * 55000 / batch_size) - warmup_steps)
-        if quick:
-            steps, warmup_steps = 40, 5
         cfg = BenchConfig(
             device=device,
             precision=precision,
@@ -544,6 +545,8 @@ def export(
         if fmt not in EXPORT_FORMATS:
             raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
         path = out or _default_out_for(ckpt) / EXPORT_FORMATS[fmt]
+        if path.is_dir():
+            raise UsageError(f"--out {path} is a folder; give the file to write, e.g. {path / EXPORT_FORMATS[fmt]}")
         model = load_classifier(ckpt)
         test_images = FashionMNISTDataModule(s.data_dir, offline=s.offline).split("test")[0][:CHECK_IMAGES]
         result = export_model(model, fmt, path, test_images.unsqueeze(1).float() / 255.0)
@@ -572,7 +575,7 @@ def report(
     """
     with user_errors():
         if not run_dir.is_dir():
-            raise UsageError(f"run folder {run_dir} does not exist")
+            raise UsageError(f"run folder {run_dir} does not exist or is not a folder")
         from fmnist_lightning.html_report import SAMPLE_FILES, TEST_FILES, needs_update, write_report
 
         ckpt = run_dir / "checkpoints" / "best.ckpt"

@@ -81,10 +81,14 @@ def evaluate(
     hw: Hardware,
     data_dir: str | Path = "data",
     offline: bool = False,
-    eval_batch_size: int = 1000,
+    eval_batch_size: int = 250,
 ) -> TestResults:
-    """Evaluate a checkpoint on the official 10,000 test images, each exactly once (also under DDP)."""
-    model = load_classifier(ckpt)
+    """Evaluate a checkpoint on the official 10,000 test images, each exactly once (also under DDP).
+
+    Runs the fast path: channels_last layout and inference mode, whatever layout the model was
+    trained in (same arithmetic in another memory order; `tests/test_model.py` checks agreement).
+    """
+    model = load_classifier(ckpt).to_channels_last()
     datamodule = FashionMNISTDataModule(data_dir=data_dir, offline=offline, eval_batch_size=eval_batch_size)
     trainer = L.Trainer(
         accelerator=hw.accelerator,

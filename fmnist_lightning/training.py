@@ -11,6 +11,7 @@ import csv
 import errno
 import fcntl
 import os
+import resource
 import signal
 import time
 import warnings
@@ -46,6 +47,7 @@ METRIC_COLUMNS = (
     "lr",
     "train_time_s",
     "images_per_s",
+    "peak_rss_mb",
 )
 
 
@@ -287,6 +289,7 @@ class EpochMetricsCSV(Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "train_time_s": round(self._train_time, 3),
             "images_per_s": round(self._images / self._train_time, 1) if self._train_time else "",
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         new = not self.path.exists()
         with self.path.open("a", newline="") as f:
@@ -445,6 +448,7 @@ class FitResult:
     epochs: int
     wall_time_s: float
     images_per_s: float
+    peak_rss_mb: float
     is_global_zero: bool
 
 
@@ -559,5 +563,6 @@ def _train(
         epochs=len(rows),
         wall_time_s=wall,
         images_per_s=sum(speeds) / len(speeds) if speeds else float("nan"),
+        peak_rss_mb=max((r.get("peak_rss_mb", 0.0) for r in rows), default=float("nan")),
         is_global_zero=trainer.is_global_zero,
     )

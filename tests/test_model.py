@@ -113,3 +113,13 @@ def test_report_matches_scikit_learn(trained_run: Path, cli) -> None:
     probs = torch.tensor([[float(v) for v in r[3:]] for r in body])
     assert torch.allclose(probs.sum(dim=1), torch.ones(10000), atol=1e-4)
     assert torch.equal(probs.argmax(dim=1), torch.tensor(predicted))
+
+
+def test_fast_evaluation_layout_gives_the_same_predictions(trained_run: Path, datamodule) -> None:
+    images = datamodule.split("test")[0][:2000].unsqueeze(1).float() / 255.0
+    plain = load_classifier(trained_run / "checkpoints" / "best.ckpt")
+    fast = load_classifier(trained_run / "checkpoints" / "best.ckpt").to_channels_last()
+    with torch.inference_mode():
+        a, b = plain(images).softmax(dim=1), fast(images).softmax(dim=1)
+    assert torch.equal(a.argmax(dim=1), b.argmax(dim=1))
+    assert torch.allclose(a, b, atol=1e-4)

@@ -1,0 +1,40 @@
+"""The scripts under scripts/: benchmark (quick mode, tiny budget), GPU check plan, SLURM job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+
+
+def test_benchmark_quick_writes_json_for_all_three_paths(real_data: None, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = [sys.executable, str(SCRIPTS / "benchmark.py"), "--quick", "--steps", "3", "--warmup-steps", "1",
+            "--eval-batch-size", "500", "--json", str(out)]  # fmt: skip
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert set(data["results"]) == {"raw", "fmnist", "typical"}
+    for path in data["results"].values():
+        assert path["train_images_per_s"] > 0 and path["eval_images_per_s"] > 0 and path["peak_rss_mb"] > 0
+    assert {"fmnist/raw train", "fmnist/typical train", "fmnist/raw eval"} <= data["ratios"].keys()
+    assert data["versions"]["torch"] and data["config"]["steps"] == 3
+    assert "fmnist/raw train" in result.stdout
+
+
+def test_gpu_check_parses_and_dry_run_prints_its_plan(tmp_path: Path) -> None:
+    script = SCRIPTS / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    result = subprocess.run(["bash", str(script), str(tmp_path / "out"), "--dry-run"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for step in ("fit: ", "--precision bf16-mixed", "test: ", "bench: ", "scripts/benchmark.py", "--compile"):
+        assert step in result.stdout
+    assert not (tmp_path / "out").exists()  # a dry run executes nothing
+    assert subprocess.run(["bash", str(script)], capture_output=True).returncode == 2  # OUT_DIR is required
+
+
+def test_slurm_script_parses() -> None:
+    subprocess.run(["bash", "-n", str(SCRIPTS / "slurm" / "train.sbatch")], check=True)
