@@ -21,6 +21,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fmnist_lightning import __version__
@@ -31,7 +32,8 @@ console = Console()
 err_console = Console(stderr=True)
 app = typer.Typer(
     name="fmnist",
-    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, test, predict-samples, compare.",
+    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, test, predict-samples, compare, "
+    "bench, predict, export, report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -57,7 +59,7 @@ def user_errors() -> Iterator[None]:
         if _debug:
             raise
         label = "[bold yellow]interrupted:[/]" if isinstance(exc, TrainingInterrupted) else "[bold red]error:[/]"
-        err_console.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
 
 
@@ -309,7 +311,7 @@ def predict_samples(
         if not 1 <= num <= 10000:
             raise UsageError(f"--num must be between 1 and 10000 (the test set's size), got {num}")
         s = _settings(settings)
-        from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule
+        from fmnist_lightning.data import CLASS_NAMES
         from fmnist_lightning.evaluation import evaluate, pick_samples
         from fmnist_lightning.plots import plot_image_grid
         from fmnist_lightning.training import hardware_for
@@ -318,11 +320,10 @@ def predict_samples(
         results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
         if not results.is_global_zero:
             return
-        images = FashionMNISTDataModule(s.data_dir, offline=True).split("test")[0]
         predicted = results.predicted
         for name, indices in zip(("correct", "incorrect"), pick_samples(results, num)):
             titles = [f"Predicted {CLASS_NAMES[predicted[i]]}, Class {CLASS_NAMES[results.labels[i]]}" for i in indices]
-            plot_image_grid(images[indices], titles, out / f"{name}.png")
+            plot_image_grid(results.images[indices], titles, out / f"{name}.png")
             console.print(f"{name} ({len(indices)}): {indices}")
             if len(indices) < num:
                 console.print(f"  only {len(indices)} {name} predictions exist")
@@ -477,7 +478,6 @@ def predict(
         import json
 
         import torch
-        from rich.markup import escape
 
         from fmnist_lightning.evaluation import load_classifier
         from fmnist_lightning.inference import Prediction, image_paths, predict_images
@@ -530,8 +530,6 @@ def export(
     """
     with user_errors():
         s = _settings(settings)
-        from rich.markup import escape
-
         from fmnist_lightning.data import FashionMNISTDataModule
         from fmnist_lightning.evaluation import load_classifier
         from fmnist_lightning.inference import (
@@ -596,6 +594,6 @@ def main(args: list[str] | None = None) -> None:
         # Typer's (click's) usage errors carry `format_message` and `exit_code`; anything else is a bug.
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
             raise
-        err_console.print(f"[bold red]error:[/] {exc.format_message()}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     sys.exit(result if isinstance(result, int) else 0)

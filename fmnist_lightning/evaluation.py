@@ -69,6 +69,7 @@ class TestResults:
     probabilities: torch.Tensor  # (N, 10), in test-set order
     labels: torch.Tensor  # (N,)
     index: torch.Tensor  # (N,) test-set index of each row: 0..N-1, each once
+    images: torch.Tensor  # (N, 28, 28) uint8, the test images in the same order
     is_global_zero: bool
 
     @property
@@ -103,12 +104,13 @@ def evaluate(
     )
     trainer.test(model, datamodule=datamodule, verbose=False)
     values = model.test_results
-    labels = datamodule.split("test")[1][values["index"]]
+    images, labels = datamodule.split("test")
     return TestResults(
         metrics={k: v for k, v in values.items() if k not in ("index", "probabilities")},
         probabilities=values["probabilities"],
-        labels=labels,
+        labels=labels[values["index"]],
         index=values["index"],
+        images=images[values["index"]],
         is_global_zero=trainer.is_global_zero,
     )
 

@@ -1,0 +1,249 @@
+"""Using a trained model outside the test set: your own images, and exported ONNX / TorchScript files.
+
+Own images are made to look like Fashion-MNIST before the model sees them, after the dataset's own
+recipe (Xiao et al., 2017): grayscale, the object cropped from its background and scaled so its
+longer side fills 28 pixels, centred, and inverted, because Fashion-MNIST shows light objects on
+black while product photos show them on white.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE
+from fmnist_lightning.errors import FmnistError
+from fmnist_lightning.model import FashionClassifier
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder is searched for
+# A pixel belongs to the object when it differs from the background by more than this (of 255).
+OBJECT_THRESHOLD = 24
+EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+EXPORT_EXTRA_HINT = "pip install 'fmnist-lightning[export]'"
+# Exported and PyTorch logits may differ by float rounding (other kernels, fused ops), not more.
+EXPORT_TOLERANCE = 1e-3
+CHECK_IMAGES = 1000  # test images the exported model is checked on
+
+
+class ImageError(FmnistError):
+    """One input image is missing, unreadable or not an image."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Own images -> Fashion-MNIST style tensors
+
+
+def image_paths(inputs: Sequence[Path]) -> tuple[list[Path], list[ImageError]]:
+    """Files given directly, plus the PNG/JPEG files directly inside given folders (sorted)."""
+    paths: list[Path] = []
+    problems: list[ImageError] = []
+    for item in inputs:
+        if item.is_dir():
+            try:
+                found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            except OSError as exc:
+                problems.append(ImageError(f"{item}: cannot list the folder ({exc.strerror})"))
+                continue
+            if not found:
+                problems.append(ImageError(f"{item}: folder holds no PNG or JPEG files"))
+            paths += found
+        elif item.exists():
+            paths.append(item)
+        else:
+            problems.append(ImageError(f"{item}: no such file or folder"))
+    return paths, problems
+
+
+def read_grayscale(path: Path) -> np.ndarray:
+    """The image as uint8 gray levels (H, W); transparent parts count as a white background."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)  # photos taken sideways, as the camera meant them
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            return np.asarray(image.convert("L"))
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image (Pillow cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{path}: unreadable image ({exc})") from None
+
+
+def fashion_mnist_style(gray: np.ndarray, invert: bool = True) -> np.ndarray:
+    """A uint8 (28, 28) image as Fashion-MNIST shows it: light object on black, filling the frame.
+
+    With `invert`, an image whose border is mostly light is inverted. An image that already is
+    28x28 is taken as a Fashion-MNIST image and is not cropped or scaled.
+    """
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+    background = float(np.median(border))
+    if invert and background > 127:
+        gray, background = 255 - gray, 255 - background
+    if gray.shape == (IMAGE_SIZE, IMAGE_SIZE):
+        return gray
+    rows, cols = np.nonzero(np.abs(gray.astype(np.int16) - background) > OBJECT_THRESHOLD)
+    if rows.size:  # crop to the object; a blank image stays whole
+        gray = gray[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    height, width = gray.shape
+    scale = IMAGE_SIZE / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Area averaging when shrinking (no aliasing); bicubic when enlarging a small image.
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC
+    fitted = Image.fromarray(gray).resize(size, resample)
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), round(background))
+    # Centred; an odd margin puts the extra pixel before the object, as Fashion-MNIST does.
+    canvas.paste(fitted, ((IMAGE_SIZE - size[0] + 1) // 2, (IMAGE_SIZE - size[1] + 1) // 2))
+    return np.asarray(canvas)
+
+
+def load_image(path: Path, invert: bool = True) -> torch.Tensor:
+    """One image file as the model's input: float (1, 28, 28) in [0, 1]."""
+    pixels = fashion_mnist_style(read_grayscale(path), invert)
+    return torch.from_numpy(pixels.copy()).float().div_(255.0).unsqueeze(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+@dataclass
+class Prediction:
+    path: Path
+    probabilities: torch.Tensor  # (10,)
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        values, classes = self.probabilities.topk(k)
+        return [(CLASS_NAMES[c], float(v)) for v, c in zip(values.tolist(), classes.tolist())]
+
+
+def predict_images(
+    model: FashionClassifier, paths: Sequence[Path], device: torch.device, batch_size: int, invert: bool = True
+) -> Iterator[Prediction | ImageError]:
+    """A Prediction per readable image and an ImageError per unreadable one, in the order given."""
+    model = model.to(device).eval()
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        outcomes: list[Prediction | ImageError | None] = []
+        images: dict[int, torch.Tensor] = {}  # position in chunk -> image
+        for position, path in enumerate(chunk):
+            try:
+                images[position] = load_image(path, invert)
+                outcomes.append(None)  # filled in after the batch ran
+            except ImageError as exc:
+                outcomes.append(exc)
+        if images:
+            with torch.inference_mode():
+                batch = torch.stack(list(images.values())).to(device)
+                probabilities = model(batch).float().softmax(dim=1).cpu()
+            for position, p in zip(images, probabilities):
+                outcomes[position] = Prediction(chunk[position], p)
+        yield from (outcome for outcome in outcomes if outcome is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    runtime: str  # what ran the exported file to check it
+    max_abs_diff: float | None  # None: not checked (onnxruntime not installed)
+    checked_images: int
+
+
+def _require_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401  (the exporter torch.onnx uses)
+    except ImportError as exc:
+        raise FmnistError(
+            f"ONNX export needs the 'export' extra ({exc.name} is missing): {EXPORT_EXTRA_HINT}"
+        ) from None
+
+
+def export_onnx(model: FashionClassifier, sample: torch.Tensor, path: Path) -> None:
+    """ONNX with input `images` (batch, 1, 28, 28) and output `logits` (batch, 10); any batch size."""
+    _require_onnx()
+    # The exporter's graph passes log each step at INFO, which the CLI shows: keep them to warnings.
+    loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.WARNING))
+    try:
+        torch.onnx.export(
+            model,
+            (sample,),
+            str(path),
+            dynamo=True,
+            verbose=False,
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            external_data=False,  # one self-contained file
+        )
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def export_torchscript(model: FashionClassifier, sample: torch.Tensor, path: Path) -> None:
+    """A traced TorchScript module: logits for any batch size (the network has no data-dependent branches)."""
+    with warnings.catch_warnings():
+        # Tracing probes every attribute of the module; torchmetrics and torch.jit then warn about
+        # their own deprecations, which say nothing about the exported file.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        traced = model.to_torchscript(method="trace", example_inputs=sample)
+        torch.jit.save(traced, str(path))
+
+
+def onnx_logits(path: Path, images: torch.Tensor) -> torch.Tensor | None:
+    """Run an exported ONNX file with onnxruntime; None when onnxruntime is not installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+
+
+def torchscript_logits(path: Path, images: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load's own deprecation notice
+        loaded = torch.jit.load(str(path), map_location="cpu")
+    with torch.inference_mode():
+        return loaded(images)
+
+
+def export_model(model: FashionClassifier, fmt: str, path: Path, check_images: torch.Tensor) -> ExportResult:
+    """Export to `fmt` (a key of EXPORT_FORMATS), then compare the exported file with PyTorch on
+    `check_images`: one image alone, then all in one batch, so the batch dimension is shown to be
+    dynamic. A file that disagrees is removed and FmnistError raised."""
+    export, run, runtime = {
+        "onnx": (export_onnx, onnx_logits, "onnxruntime"),
+        "torchscript": (export_torchscript, torchscript_logits, "torch.jit.load"),
+    }[fmt]
+    model = model.cpu().eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    export(model, check_images[:2], path)  # a sample batch of 2: with 1, the batch size would be fixed
+    with torch.inference_mode():
+        expected = model(check_images)
+    single, full = run(path, check_images[:1]), run(path, check_images)
+    if single is None or full is None:
+        return ExportResult(path, runtime, None, 0)
+    diff = max(float((single - expected[:1]).abs().max()), float((full - expected).abs().max()))
+    if not diff <= EXPORT_TOLERANCE:  # also catches NaN
+        path.unlink()
+        raise FmnistError(
+            f"the exported model disagreed with the PyTorch model (max |logit difference| {diff:.3g} over "
+            f"{len(check_images)} test images with {runtime}, tolerance {EXPORT_TOLERANCE:g}); removed {path}"
+        )
+    return ExportResult(path, runtime, diff, len(check_images))

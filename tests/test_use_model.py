@@ -1,0 +1,270 @@
+"""Using a trained model: `fmnist predict` on own images, `fmnist export`, and the HTML `fmnist report`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule
+from fmnist_lightning.evaluation import load_classifier
+from fmnist_lightning.inference import export_model, load_image, torchscript_logits
+from tests.conftest import is_png
+
+SHIPPED = Path(__file__).parent / "data"  # ankle_boot.png: test image 0; pullover_on_white.png: test image 1
+# Test images covering every class (the first three of each), written out as PNG files.
+PER_CLASS = 3
+
+
+@pytest.fixture(scope="module")
+def test_images(real_data: None) -> tuple[torch.Tensor, torch.Tensor]:
+    return FashionMNISTDataModule(offline=True).split("test")
+
+
+def _ckpt(run: Path) -> Path:
+    return run / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture(scope="module")
+def reported_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A copy of the run holding only what `fit` wrote, after `fmnist report` (which must therefore run
+    `test` and `predict-samples`), and what it printed. Shared: the two test-set passes are the slow part."""
+    from fmnist_lightning.cli import main
+
+    run = tmp_path_factory.mktemp("reported") / "run"
+    for name in ("config.yaml", "metrics.csv", "curves.png", "checkpoints/best.ckpt"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(trained_run / name, run / name)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
+        patch.setenv("COLUMNS", "240")
+        patch.setattr(sys, "argv", ["fmnist", "report", str(run), "--offline", "--accelerator", "cpu"])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    assert exit_info.value.code == 0, stderr.getvalue()
+    return run, stdout.getvalue()
+
+
+def test_own_images_are_predicted_as_fmnist_test_predicts_them(
+    reported_run: tuple[Path, str], cli, tmp_path: Path, test_images: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    run = reported_run[0]  # holds the predictions.csv `fmnist test` wrote
+    images, labels = test_images
+    chosen = [int(i) for k in range(len(CLASS_NAMES)) for i in (labels == k).nonzero().flatten()[:PER_CLASS]]
+    for folder, pixels in (("dark", lambda a: a), ("light", lambda a: 255 - a)):
+        (tmp_path / folder).mkdir()
+        for i in chosen:
+            Image.fromarray(pixels(images[i].numpy())).save(tmp_path / folder / f"{i:05d}.png")
+    expected = {int(row["index"]): row for row in csv.DictReader((run / "predictions.csv").open())}
+
+    # A small batch size: the 60 images go through the model in several batches.
+    code, stdout, err = cli(
+        "predict", "--ckpt", _ckpt(run), "--accelerator", "cpu", "--eval-batch-size", "16", "--json",
+        tmp_path / "dark", tmp_path / "light",
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(stdout)
+    assert len(rows) == 2 * len(chosen)
+    for row in rows:
+        want = expected[int(Path(row["file"]).stem)]
+        assert row["top3"][0]["class"] == CLASS_NAMES[int(want["predicted"])], row["file"]
+        for guess in row["top3"]:
+            assert guess["probability"] == pytest.approx(float(want[f"p_{guess['class']}"]), abs=1e-4), row["file"]
+        probabilities = [guess["probability"] for guess in row["top3"]]
+        assert probabilities == sorted(probabilities, reverse=True)
+
+    # Without inversion the light images are dark objects on white: not what the model was trained on.
+    code, stdout, _ = cli("predict", "--ckpt", _ckpt(run), "--json", "--no-invert", tmp_path / "light")
+    assert code == 0
+    assert [r["top3"] for r in json.loads(stdout)] != [r["top3"] for r in rows[len(chosen) :]]
+
+
+def test_shipped_images_become_the_test_images_they_were_made_from(
+    trained_run: Path, cli, test_images: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    images = test_images[0]
+    assert is_png(SHIPPED / "ankle_boot.png") and is_png(SHIPPED / "pullover_on_white.png")
+    # pullover_on_white.png is test image 1 inverted, enlarged 4x and placed off-centre on a
+    # 200x160 white RGB canvas: cropping, scaling, centring and inversion must undo all of that.
+    for name, index in (("ankle_boot.png", 0), ("pullover_on_white.png", 1)):
+        assert torch.equal(load_image(SHIPPED / name), images[index].float().div(255).unsqueeze(0)), name
+    code, stdout, err = cli("predict", "--ckpt", _ckpt(trained_run), SHIPPED)
+    assert code == 0, err
+    assert "ankle_boot.png" in stdout and "pullover_on_white.png" in stdout and "1st" in stdout
+
+
+def test_object_is_fitted_into_28x28_keeping_its_aspect_ratio(tmp_path: Path) -> None:
+    wide = np.full((90, 300), 240, np.uint8)  # a light-gray background
+    wide[30:50, 20:220] = 10  # a dark 200x20 bar: 10:1, so 28x3 after scaling (rounded)
+    Image.fromarray(wide).convert("RGB").save(tmp_path / "wide.jpg", quality=95)
+    pixels = (load_image(tmp_path / "wide.jpg")[0] * 255).round()
+    object_rows = (pixels > 128).any(dim=1).nonzero().flatten()
+    assert object_rows.tolist() == [13, 14, 15]  # 3 rows, centred in 28 (the odd margin pixel above)
+    assert bool((pixels[14] > 128).all())  # full width
+    assert float(pixels[:10].max()) < 30  # the background became (nearly) black
+
+
+def test_unreadable_files_are_reported_and_the_rest_predicted(trained_run: Path, cli, tmp_path: Path) -> None:
+    shutil.copy(SHIPPED / "ankle_boot.png", tmp_path / "good.png")
+    (tmp_path / "notes.txt").write_text("not an image")  # skipped in folders, an error when named
+    (tmp_path / "fake.png").write_text("not an image either")
+    (tmp_path / "truncated.png").write_bytes((SHIPPED / "pullover_on_white.png").read_bytes()[:200])
+    (tmp_path / "empty").mkdir()
+    code, stdout, err = cli(
+        "predict", "--ckpt", _ckpt(trained_run), tmp_path, tmp_path / "notes.txt", tmp_path / "missing.png",
+        tmp_path / "empty",
+    )  # fmt: skip
+    assert code == 1
+    errors = err.strip().splitlines()
+    assert len(errors) == 5 and all(line.startswith("error: ") for line in errors), err
+    for name, reason in (
+        ("fake.png", "not an image"),
+        ("truncated.png", "unreadable image"),
+        ("notes.txt", "not an image"),
+        ("missing.png", "no such file"),
+        ("empty", "no PNG or JPEG"),
+    ):
+        assert any(name in line and reason in line for line in errors), (name, err)
+    assert "good.png" in stdout and "Ankle boot" in stdout
+
+
+def test_export_onnx_and_torchscript_agree_with_pytorch(
+    trained_run: Path, cli, tmp_path: Path, test_images: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    model = load_classifier(_ckpt(trained_run))
+    batch = test_images[0][-5:].unsqueeze(1).float() / 255  # images the export did not check: another batch size
+    with torch.inference_mode():
+        expected = model(batch).numpy()
+
+    code, stdout, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert code == 0, err
+    assert "checked against PyTorch with onnxruntime on 1000 test images" in stdout
+    assert "output 'logits': float (batch, 10), the logits" in stdout
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"  # dynamic, not the export sample's 2
+    np.testing.assert_allclose(session.run(None, {"images": batch.numpy()})[0], expected, atol=1e-4)
+
+    code, stdout, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "torchscript")
+    assert code == 0, err
+    exported = trained_run / "model.torchscript.pt"  # the default: next to the checkpoint's run
+    assert "checked against PyTorch with torch.jit.load" in stdout and exported.is_file()
+    np.testing.assert_allclose(torchscript_logits(exported, batch).numpy(), expected, atol=1e-4)
+
+
+def test_export_fails_when_the_exported_model_disagrees(
+    trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, test_images: tuple[torch.Tensor, torch.Tensor]
+) -> None:
+    from fmnist_lightning import inference
+    from fmnist_lightning.errors import FmnistError
+
+    real = inference.torchscript_logits
+    monkeypatch.setattr(inference, "torchscript_logits", lambda path, images: real(path, images) + 0.01)
+    images = test_images[0][:50].unsqueeze(1).float() / 255
+    with pytest.raises(FmnistError, match="disagreed with the PyTorch model"):
+        export_model(load_classifier(_ckpt(trained_run)), "torchscript", tmp_path / "m.pt", images)
+    assert not (tmp_path / "m.pt").exists()  # nobody can pick up a model that failed its check
+
+
+def test_export_usage_errors_and_missing_extra(trained_run: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "tflite")
+    assert code == 2 and "--format must be one of onnx, torchscript" in err
+    code, _, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "onnx", "--out", trained_run)
+    assert code == 2 and "is a folder" in err
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if the 'export' extra were not installed
+    code, _, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "onnx")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "pip install 'fmnist-lightning[export]'" in err
+
+    from fmnist_lightning.inference import onnx_logits
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # exporting still works; checking says it was skipped
+    assert onnx_logits(Path("model.onnx"), torch.zeros(1, 1, 28, 28)) is None
+
+
+def _open_in_chromium(page: Path, tmp_path: Path) -> dict[str, int]:
+    """Load the page in headless Chromium; a script added to a copy reports what the browser rendered."""
+    check = """<script>
+    window.addEventListener("load", () => {
+      const images = [...document.images];
+      const result = {
+        images: images.length,
+        loaded: images.filter((img) => img.complete && img.naturalWidth > 0).length,
+        classes: document.querySelectorAll("#classification-report tbody.classes tr").length,
+      };
+      const out = document.createElement("pre");
+      out.id = "result";
+      out.textContent = JSON.stringify(result);
+      document.body.append(out);
+    });
+    </script>"""
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", check + "</body>"))
+    dom = subprocess.run(
+        [
+            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    start = dom.index('<pre id="result">') + len('<pre id="result">')  # not in the script's own text
+    return json.loads(dom[start : dom.index("</pre>", start)])
+
+
+def test_report_page_shows_every_image_and_the_report_table(
+    reported_run: tuple[Path, str], cli, tmp_path: Path
+) -> None:
+    run, stdout = reported_run
+    assert "Classification report" in stdout and "correct (9)" in stdout  # it ran test and predict-samples
+    for name in ("report.json", "confusion_matrix.png", "correct.png", "incorrect.png"):
+        assert (run / name).is_file(), name
+    page = (run / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4  # self-contained: nothing else is loaded
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    assert "learning curves" in page.lower() and "batch_size" in page
+
+    code, stdout, err = cli("report", run)  # fresh outputs: nothing is run again
+    assert code == 0, err
+    assert "Classification report" not in stdout and "report.html" in stdout
+
+    if shutil.which("chromium") is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    assert _open_in_chromium(run / "report.html", tmp_path) == {"images": 4, "loaded": 4, "classes": 10}
+
+
+def test_report_needs_a_run_folder(cli, tmp_path: Path) -> None:
+    code, _, err = cli("report", tmp_path / "nowhere")
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "config.yaml").write_text("max_epochs: 1\n")
+    code, _, err = cli("report", tmp_path)
+    assert code == 1 and "lacks metrics.csv, curves.png, report.json" in err
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_report_remakes_outputs_older_than_the_checkpoint(tmp_path: Path) -> None:
+    from fmnist_lightning.html_report import TEST_FILES, needs_update
+
+    ckpt = tmp_path / "best.ckpt"
+    ckpt.write_bytes(b"")
+    assert needs_update(tmp_path, TEST_FILES, ckpt)  # missing
+    for name in TEST_FILES:
+        (tmp_path / name).write_text("")
+        os.utime(tmp_path / name, (1e9, 2e9))
+    os.utime(ckpt, (1e9, 1e9))
+    assert not needs_update(tmp_path, TEST_FILES, ckpt)
+    os.utime(ckpt, (1e9, 3e9))  # e.g. `fit --resume` trained further
+    assert needs_update(tmp_path, TEST_FILES, ckpt)
