@@ -58,6 +58,10 @@ def user_errors() -> Iterator[None]:
     except FmnistError as exc:
         if _debug:
             raise
+        from fmnist_lightning.training import is_rank_zero_process
+
+        if not is_rank_zero_process():  # under DDP every process fails alike; one message is enough
+            raise typer.Exit(exc.exit_code) from None
         label = "[bold yellow]interrupted:[/]" if isinstance(exc, TrainingInterrupted) else "[bold red]error:[/]"
         err_console.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
@@ -181,7 +185,10 @@ def data(
     with user_errors():
         s = _settings(settings)
         from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, one_hot
+        from fmnist_lightning.evaluation import check_output_dir
         from fmnist_lightning.plots import plot_image_grid
+
+        check_output_dir(out)
 
         dm = FashionMNISTDataModule(data_dir=s.data_dir, offline=s.offline, val_size=s.val_size)
         dm.setup()
@@ -232,10 +239,9 @@ def fit(
 
         s = fit_settings(config, settings, out, resume)
         result = run_fit(s, out=out, resume=resume, overwrite=overwrite)
-        if not result.is_global_zero:
-            return
-        _print_fit_summary(result)
-        if test:
+        if result.is_global_zero:
+            _print_fit_summary(result)
+        if test:  # every rank: under DDP the test is distributed too
             _test(result.best_checkpoint, s, result.run_dir)
 
 
@@ -260,14 +266,12 @@ def test(settings: dict[str, Any], ckpt: CkptOption, out: OutOption = None) -> N
 
 
 def _test(ckpt: Path, s: Settings, out: Path) -> None:
-    from fmnist_lightning.evaluation import classification_report, evaluate, write_test_outputs
-    from fmnist_lightning.training import hardware_for
+    from fmnist_lightning.evaluation import check_output_dir, run_test
 
-    results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
-    if not results.is_global_zero:
+    check_output_dir(out)
+    _, report = run_test(ckpt, s, out)
+    if report is None:
         return
-    report = classification_report(results)
-    write_test_outputs(results, report, out)
     _print_report(report)
     console.print(f"wrote {out / 'report.json'}, {out / 'predictions.csv'}, {out / 'confusion_matrix.png'}")
 
@@ -303,31 +307,30 @@ def _print_report(report: dict[str, Any]) -> None:
 def predict_samples(
     settings: dict[str, Any],
     ckpt: CkptOption,
-    num: Annotated[int, typer.Option(help="How many correct and how many incorrect images to show.")] = 9,
+    num: Annotated[int, typer.Option(help="How many correct and how many incorrect images to show (1-100).")] = 9,
     out: OutOption = None,
 ) -> None:
     """Show correctly and incorrectly classified test images (correct.png, incorrect.png)."""
     with user_errors():
-        if not 1 <= num <= 10000:
-            raise UsageError(f"--num must be between 1 and 10000 (the test set's size), got {num}")
-        s = _settings(settings)
-        from fmnist_lightning.data import CLASS_NAMES
-        from fmnist_lightning.evaluation import evaluate, pick_samples
-        from fmnist_lightning.plots import plot_image_grid
+        from fmnist_lightning.evaluation import MAX_SAMPLES, check_output_dir, evaluate, write_sample_grids
         from fmnist_lightning.training import hardware_for
 
+        if not 1 <= num <= MAX_SAMPLES:
+            raise UsageError(f"--num must be between 1 and {MAX_SAMPLES}, got {num}")
+        s = _settings(settings)
         out = out or _default_out_for(ckpt)
+        check_output_dir(out)
         results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
-        if not results.is_global_zero:
-            return
-        predicted = results.predicted
-        for name, indices in zip(("correct", "incorrect"), pick_samples(results, num)):
-            titles = [f"Predicted {CLASS_NAMES[predicted[i]]}, Class {CLASS_NAMES[results.labels[i]]}" for i in indices]
-            plot_image_grid(results.images[indices], titles, out / f"{name}.png")
-            console.print(f"{name} ({len(indices)}): {indices}")
-            if len(indices) < num:
-                console.print(f"  only {len(indices)} {name} predictions exist")
-        console.print(f"wrote {out / 'correct.png'} and {out / 'incorrect.png'}")
+        if results.is_global_zero:
+            _print_samples(write_sample_grids(results, num, out), num, out)
+
+
+def _print_samples(picked: dict[str, list[int]], num: int, out: Path) -> None:
+    for name, indices in picked.items():
+        console.print(f"{name} ({len(indices)}): {indices}")
+        if len(indices) < num:
+            console.print(f"  only {len(indices)} {name} predictions exist")
+    console.print(f"wrote {out / 'correct.png'} and {out / 'incorrect.png'}")
 
 
 @app.command()
@@ -377,9 +380,7 @@ def bench(
         float, typer.Option(help="Measure this many 55k epochs instead of --steps (0: use --steps).")
     ] = 0,
     warmup_steps: Annotated[Optional[int], typer.Option(help="Steps timed apart first.", show_default="20")] = None,
-    paths: Annotated[
-        str, typer.Option(help="Comma-separated: raw, fmnist, typical, fmnist-fast.")
-    ] = "raw,fmnist,typical",
+    paths: Annotated[str, typer.Option(help="Comma-separated: raw, fmnist, typical, fmnist-fast.")] = DEFAULT_PATHS,
     quick: Annotated[bool, typer.Option("--quick", help="Defaults of 40 steps after 5: well under 3 minutes.")] = False,
     json_path: Annotated[
         Optional[Path], typer.Option("--json", help="Also write all results to this JSON file.")
@@ -392,6 +393,12 @@ def bench(
 
         if unknown := [p for p in chosen if p not in PATHS]:
             raise UsageError(f"unknown benchmark path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+        if device not in ("cpu", "cuda") or precision not in ("32-true", "bf16-mixed", "16-mixed"):
+            raise UsageError("--device must be cpu or cuda; --precision 32-true, bf16-mixed or 16-mixed")
+        if json_path is not None:
+            from fmnist_lightning.evaluation import check_output_dir
+
+            check_output_dir(json_path.parent)
         warmup_steps = warmup_steps if warmup_steps is not None else (5 if quick else 20)
         steps = steps if steps is not None else (40 if quick else 400)
         if epochs:
@@ -574,14 +581,26 @@ def report(
     with user_errors():
         if not run_dir.is_dir():
             raise UsageError(f"run folder {run_dir} does not exist or is not a folder")
+        from fmnist_lightning.evaluation import classification_report, evaluate, write_sample_grids, write_test_outputs
         from fmnist_lightning.html_report import SAMPLE_FILES, TEST_FILES, needs_update, write_report
+        from fmnist_lightning.training import hardware_for
 
         ckpt = run_dir / "checkpoints" / "best.ckpt"
-        if ckpt.is_file() and needs_update(run_dir, TEST_FILES, ckpt):
-            _test(ckpt, _settings(settings), run_dir)
-        if ckpt.is_file() and needs_update(run_dir, SAMPLE_FILES, ckpt):
-            predict_samples(ckpt=ckpt, out=run_dir, **settings)
-        console.print(f"wrote {write_report(run_dir)}")
+        stale_test = ckpt.is_file() and needs_update(run_dir, TEST_FILES, ckpt)
+        stale_samples = ckpt.is_file() and needs_update(run_dir, SAMPLE_FILES, ckpt)
+        is_global_zero = True
+        if stale_test or stale_samples:  # one pass over the test set serves both
+            s = _settings(settings)
+            results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
+            is_global_zero = results.is_global_zero
+            if is_global_zero and stale_test:
+                report = classification_report(results)
+                write_test_outputs(results, report, run_dir)
+                _print_report(report)
+            if is_global_zero and stale_samples:
+                _print_samples(write_sample_grids(results, 9, run_dir), 9, run_dir)
+        if is_global_zero:
+            console.print(f"wrote {write_report(run_dir)}")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from fmnist_lightning.config import Settings
-from fmnist_lightning.evaluation import classification_report, evaluate, write_test_outputs
+from fmnist_lightning.evaluation import run_test
 from fmnist_lightning.plots import plot_compare
-from fmnist_lightning.training import claimed_run_dir, hardware_for, read_metrics, run_fit
+from fmnist_lightning.training import claimed_run_dir, read_metrics, run_fit
 
 VARIANTS = (("dropout", True), ("no-dropout", False))
 
@@ -24,11 +24,9 @@ def run_compare(s: Settings, out: Path | None = None) -> list[dict[str, Any]] | 
         for name, dropout in VARIANTS:
             variant = replace(s, dropout=dropout)
             fitted = run_fit(variant, out=base / name)
-            results = evaluate(fitted.best_checkpoint, hardware_for(variant), s.data_dir, s.offline, s.eval_batch_size)
-            if not results.is_global_zero:
+            _, report = run_test(fitted.best_checkpoint, variant, fitted.run_dir)
+            if report is None:  # not rank 0
                 continue
-            report = classification_report(results)
-            write_test_outputs(results, report, fitted.run_dir)
             history = read_metrics(fitted.run_dir / "metrics.csv")
             curves[name] = history
             last = history[-1] if history else {}

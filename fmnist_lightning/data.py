@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from fmnist_lightning.errors import DataError
 
@@ -86,7 +87,7 @@ FILES = {
         10008,
     ),
 }
-FIX_HINT = "delete it and run again to download a fresh copy, or install Debian's dataset-fashion-mnist"
+FIX_HINT = "replace it with a good copy (delete it and run without --offline to download one)"
 
 
 class Batch(NamedTuple):
@@ -182,10 +183,12 @@ def _download(data_dir: Path) -> dict[str, Path]:
     try:
         TorchvisionFashionMNIST(root=str(data_dir), train=True, download=True)
         TorchvisionFashionMNIST(root=str(data_dir), train=False, download=True)
-    except Exception as exc:  # network errors come in many types; the message is what matters
+    except Exception as exc:  # network errors come in many types; the first line says enough
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(
-            f"could not download Fashion-MNIST ({type(exc).__name__}: {exc}); put the four IDX files in "
-            f"{data_dir} or install Debian's dataset-fashion-mnist, then use --offline"
+            f"Fashion-MNIST not found in {data_dir}, {data_dir / 'FashionMNIST' / 'raw'} or {SYSTEM_DATA_DIR}, and "
+            f"the download failed ({reason}); copy the four IDX files into {data_dir} or install Debian's "
+            "dataset-fashion-mnist"
         ) from None
     found = _find_set(data_dir)
     if found is None:
@@ -212,7 +215,8 @@ def load_fashion_mnist(data_dir: Path | str = "data", offline: bool = False) -> 
     """Find, verify and parse the official files."""
     paths, source = locate(Path(data_dir), offline)
     tensors = {key: parse_idx(read_verified(paths[key], spec), paths[key]) for key, spec in FILES.items()}
-    log.info("Fashion-MNIST: %s", source)
+    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]  # one line per run, not per DDP process
+        log.info("Fashion-MNIST: %s", source)
     return FashionMNIST(source=source, **{key: t.long() if "labels" in key else t for key, t in tensors.items()})
 
 
@@ -404,7 +408,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         offline: bool = False,
         val_size: int = 5000,
         batch_size: int = 128,
-        eval_batch_size: int = 1000,
+        eval_batch_size: int = 250,
         label_smoothing: float = 0.0,
         augment: Augment | None = None,
         seed: int = 42,
@@ -492,6 +496,3 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> TensorBatches:
         return self._batches("test", batch_size=self.eval_batch_size)
-
-    def predict_dataloader(self) -> TensorBatches:
-        return self.test_dataloader()

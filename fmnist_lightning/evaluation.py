@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import pickle
 import zipfile
 from dataclasses import dataclass
@@ -13,10 +14,13 @@ from typing import Any
 import lightning as L
 import torch
 
+from fmnist_lightning.config import Settings
 from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule
-from fmnist_lightning.errors import CheckpointError
+from fmnist_lightning.errors import CheckpointError, FmnistError, UsageError
 from fmnist_lightning.model import CHECKPOINT_FORMAT, FashionClassifier
-from fmnist_lightning.training import Hardware
+from fmnist_lightning.training import Hardware, hardware_for
+
+MAX_SAMPLES = 100  # images per grid in predict-samples: more would not be readable (nor fit a PNG)
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -174,3 +178,41 @@ def pick_samples(results: TestResults, num: int) -> tuple[list[int], list[int]]:
     correct = (results.predicted == results.labels).nonzero().flatten()
     wrong = (results.predicted != results.labels).nonzero().flatten()
     return results.index[correct[:num]].tolist(), results.index[wrong[:num]].tolist()
+
+
+def write_sample_grids(results: TestResults, num: int, out: Path) -> dict[str, list[int]]:
+    """correct.png and incorrect.png in `out`, each image titled "Predicted X, Class Y"; returns the indices."""
+    from fmnist_lightning.plots import plot_image_grid
+
+    if not 1 <= num <= MAX_SAMPLES:
+        raise UsageError(f"--num must be between 1 and {MAX_SAMPLES}, got {num}")
+    picked = dict(zip(("correct", "incorrect"), pick_samples(results, num)))
+    for name, indices in picked.items():
+        titles = [
+            f"Predicted {CLASS_NAMES[results.predicted[i]]}, Class {CLASS_NAMES[results.labels[i]]}" for i in indices
+        ]
+        plot_image_grid(results.images[indices], titles, out / f"{name}.png")
+    return picked
+
+
+def check_output_dir(out: Path) -> None:
+    """Fail in a second, before any long computation, when `out` could not be created or written.
+    (Nothing is created here: a command that fails later leaves no empty folder behind.)"""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FmnistError(f"cannot create output folder {out}: {existing} is a file")
+    if not os.access(existing, os.W_OK):
+        raise FmnistError(f"output folder {out} is not writable")
+
+
+def run_test(ckpt: Path, s: Settings, out: Path) -> tuple[TestResults, dict[str, Any] | None]:
+    """What `fmnist test` does: evaluate, then (on rank 0) write report.json, predictions.csv and the
+    confusion matrix to `out`. Returns the results and the report (None on other ranks)."""
+    results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
+    if not results.is_global_zero:
+        return results, None
+    report = classification_report(results)
+    write_test_outputs(results, report, out)
+    return results, report

@@ -12,6 +12,7 @@ import errno
 import fcntl
 import os
 import resource
+import shutil
 import signal
 import time
 import warnings
@@ -26,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from fmnist_lightning.config import Settings, provenance, resolve_settings, save_yaml
+from fmnist_lightning.config import Settings, load_yaml, provenance, resolve_settings, save_yaml
 from fmnist_lightning.data import Augment, FashionMNISTDataModule
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.model import FashionClassifier
@@ -35,8 +36,21 @@ RUNS_ROOT = Path("runs")
 # Set by the process that prepared the run folder, so the processes Lightning's DDP launcher
 # starts from the same command line use that folder instead of numbering a new one.
 RUN_DIR_ENV = "FMNIST_RUN_DIR"
-# Files a run writes; `--overwrite` removes these and nothing else.
-RUN_FILES = ("config.yaml", "metrics.csv", "curves.png", "checkpoints/best.ckpt", "checkpoints/last.ckpt")
+# What fit, test, predict-samples and report write into a run; `--overwrite` removes these and nothing else.
+RUN_FILES = (
+    "config.yaml",
+    "metrics.csv",
+    "curves.png",
+    "checkpoints/best.ckpt",
+    "checkpoints/last.ckpt",
+    "report.json",
+    "predictions.csv",
+    "confusion_matrix.png",
+    "correct.png",
+    "incorrect.png",
+    "report.html",
+)
+RUN_FOLDERS = ("tensorboard",)
 METRIC_COLUMNS = (
     "epoch",
     "train/loss",
@@ -66,10 +80,6 @@ class Hardware:
     @property
     def on_gpu(self) -> bool:
         return self.accelerator == "gpu"
-
-    @property
-    def world_size(self) -> int:
-        return (len(self.devices) if isinstance(self.devices, list) else self.devices) * self.num_nodes
 
 
 def _parse_devices(devices: str) -> int | list[int] | str:
@@ -172,6 +182,17 @@ def remove_run_files(run_dir: Path) -> None:
     """What --overwrite deletes: the files a previous run wrote, nothing the user put there."""
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    for name in RUN_FOLDERS:
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
+def _remove_unstarted(run_dir: Path, existed: set[str] | None) -> None:
+    """After a fit that failed before training started, remove what it created (lock, empty logs)."""
+    for path in run_dir.iterdir():
+        if existed is None or path.name not in existed:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if existed is None:
+        run_dir.rmdir()
 
 
 class RunLock:
@@ -299,6 +320,18 @@ class EpochMetricsCSV(Callback):
             writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
 
 
+class SaveConfig(Callback):
+    """Writes the run's config.yaml once training really starts (after a resume has loaded), so a
+    command that fails before then leaves the folder as it was."""
+
+    def __init__(self, path: Path, settings: Settings) -> None:
+        self.path, self.settings = path, settings
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_yaml(self.settings, self.path, provenance())
+
+
 class GracefulInterrupt(Callback):
     """On SIGINT/SIGTERM: finish the current step, save a resumable `last.ckpt`, then stop.
 
@@ -314,7 +347,8 @@ class GracefulInterrupt(Callback):
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = signum
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # As early as Lightning lets a callback act, so a Ctrl-C while the data loads is ours too.
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 
@@ -412,6 +446,7 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
     )
     callbacks: list[Callback] = [
         checkpoint,
+        SaveConfig(run_dir / "config.yaml", s),
         EpochMetricsCSV(run_dir / "metrics.csv"),
         GracefulInterrupt(ckpt_dir / "last.ckpt"),
     ]
@@ -524,16 +559,33 @@ def run_fit(
         last = run_dir / "checkpoints" / "last.ckpt"
         if not is_rank_zero_process():  # rank 0 checked and prepared the folder
             return _train(s, hw, run_dir, last if resume else None, extra_callbacks)
+        existed = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
         prepare_run_dir(run_dir, resume, overwrite)
         if resume:
-            done = checkpoint_epoch(last)
-            if s.max_epochs < done:
-                raise UsageError(f"--max-epochs {s.max_epochs} is below the {done} epochs {last} already trained")
+            _check_resumable(s, run_dir)
         with RunLock(run_dir):
             if overwrite:
                 remove_run_files(run_dir)
-            save_yaml(s, run_dir / "config.yaml", provenance())
-            return _train(s, hw, run_dir, last if resume else None, extra_callbacks)
+            try:
+                return _train(s, hw, run_dir, last if resume else None, extra_callbacks)
+            except BaseException:
+                if not resume and not (run_dir / "config.yaml").exists():
+                    _remove_unstarted(run_dir, existed)
+                raise
+
+
+def _check_resumable(s: Settings, run_dir: Path) -> None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    done = checkpoint_epoch(last)
+    if s.max_epochs < done:
+        raise UsageError(f"--max-epochs {s.max_epochs} is below the {done} epochs {last} already trained")
+    saved = run_dir / "config.yaml"
+    planned = load_yaml(saved).get("max_epochs") if saved.is_file() else None
+    if s.lr_schedule != "none" and planned is not None and planned != s.max_epochs:
+        raise UsageError(
+            f"this run's {s.lr_schedule} learning-rate schedule is sized for {planned} epochs; resume it with "
+            f"--max-epochs {planned}, or start a new run to train longer"
+        )
 
 
 def _train(
@@ -546,9 +598,7 @@ def _train(
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     wall = time.perf_counter() - start
-    if trainer.interrupted:
-        raise TrainingInterrupted(f"training of {run_dir} was interrupted")
-    rows = read_metrics(run_dir / "metrics.csv")
+    rows = read_metrics(run_dir / "metrics.csv") if trainer.is_global_zero else []
     best = max(rows, key=lambda r: r.get("val/acc", -1.0), default={})
     speeds = [r["images_per_s"] for r in rows if "images_per_s" in r]
     if trainer.is_global_zero and rows:

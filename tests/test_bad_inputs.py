@@ -139,10 +139,35 @@ def test_checkpoint_of_another_model_is_refused(cli, tmp_path: Path, trained_run
     _assert_one_clear_line(*result[::2], 1, "holds a model this version cannot rebuild")
 
 
-@pytest.mark.parametrize("num", ["0", "10001"])
+@pytest.mark.parametrize("num", ["0", "101"])
 def test_predict_samples_num_out_of_range(num: str, cli, trained_run: Path) -> None:
     result = cli("predict-samples", "--ckpt", trained_run / "checkpoints" / "best.ckpt", "--num", num)
-    _assert_one_clear_line(*result[::2], 2, "--num must be between 1 and 10000")
+    _assert_one_clear_line(*result[::2], 2, "--num must be between 1 and 100")
+
+
+@pytest.mark.parametrize("command", ["test", "predict-samples"])
+def test_output_folder_that_cannot_be_made_fails_before_evaluating(command: str, cli, trained_run, tmp_path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    result = cli(command, "--ckpt", ckpt, "--offline", "--out", tmp_path / "a-file" / "out")
+    _assert_one_clear_line(*result[::2], 1, "cannot create output folder")
+
+
+def test_fit_that_fails_before_training_leaves_no_trace(cli, tmp_path: Path, monkeypatch) -> None:
+    from fmnist_lightning import training
+    from fmnist_lightning.errors import DataError
+
+    def no_data(*args: object, **kwargs: object) -> None:
+        raise DataError("Fashion-MNIST not found (simulated)")
+
+    monkeypatch.setattr(training, "build_datamodule", no_data)
+    monkeypatch.chdir(tmp_path)
+    result = cli("fit", "--offline", "--out", tmp_path / "new-run")
+    _assert_one_clear_line(*result[::2], 1, "not found (simulated)")
+    result = cli("fit", "--offline")
+    _assert_one_clear_line(*result[::2], 1, "not found (simulated)")
+    assert not (tmp_path / "new-run").exists()
+    assert not any((tmp_path / "runs").iterdir())  # no empty numbered folder left behind
 
 
 def test_out_holding_another_run_is_refused(cli, existing_run) -> None:

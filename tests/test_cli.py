@@ -66,12 +66,12 @@ def test_default_out_is_a_new_numbered_folder(real_data: None, cli, tmp_path: Pa
 
 def test_config_file_then_options(real_data: None, cli, tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
-    config.write_text("max-epochs: 1\nbatch_size: 64\nlr: 0.002\n")
+    config.write_text("max-epochs: 1\nbatch_size: 64\nlr: 2e-3\nweight_decay: 1e-4\n")  # YAML 1.1 reads 2e-3 as text
     out = tmp_path / "run"
     code, _, err = cli("fit", "--config", config, *TINY, "--lr", "0.003", "--out", out)
     assert code == 0, err
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["batch_size"] == 64 and saved["lr"] == 0.003
+    assert saved["batch_size"] == 64 and saved["lr"] == 0.003 and saved["weight_decay"] == 1e-4
 
 
 def test_shipped_configs_are_valid() -> None:

@@ -87,11 +87,20 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
 
 
 def test_resume_can_extend_a_finished_run(real_data: None, settings: Settings, tmp_path: Path) -> None:
-    short = replace(settings, max_epochs=1)
+    short = replace(settings, max_epochs=1, lr_schedule="none")
     run_fit(short, out=tmp_path / "run")
     result = run_fit(replace(short, max_epochs=2), out=tmp_path / "run", resume=True)
     assert result.epochs == 2
     assert [r["epoch"] for r in _metrics(tmp_path / "run")] == [1.0, 2.0]
+
+
+def test_resume_refuses_to_stretch_a_scheduled_run(real_data: None, settings: Settings, tmp_path: Path) -> None:
+    from fmnist_lightning.errors import UsageError
+
+    short = replace(settings, max_epochs=1, lr_schedule="onecycle")
+    run_fit(short, out=tmp_path / "run")
+    with pytest.raises(UsageError, match="onecycle learning-rate schedule is sized for 1 epochs"):
+        run_fit(replace(short, max_epochs=2), out=tmp_path / "run", resume=True)
 
 
 def test_same_seed_deterministic_runs_are_bit_identical(real_data: None, settings: Settings, tmp_path: Path) -> None:
