@@ -177,7 +177,7 @@ def _default_out_for(ckpt: Path) -> Path:
 
 
 @app.command()
-@with_settings(DATA)
+@with_settings((*DATA, "val_size"))
 def data(
     settings: dict[str, Any], out: Annotated[Path, typer.Option(help="Where to write samples.png.")] = Path("runs/data")
 ) -> None:

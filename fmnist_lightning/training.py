@@ -347,8 +347,9 @@ class GracefulInterrupt(Callback):
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = signum
 
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # As early as Lightning lets a callback act, so a Ctrl-C while the data loads is ours too.
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not earlier: Lightning installs (and at teardown restores) its own SIGTERM handler just
+        # before training starts; ours must replace it, not be captured and restored by it.
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._handle)
 

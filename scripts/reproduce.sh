@@ -10,7 +10,7 @@ set -euo pipefail
 [[ $# -ge 2 ]] || { echo "usage: $0 CONFIG N [fmnist fit options]" >&2; exit 2; }
 config="$1" n="$2"; shift 2
 name="$(basename "$config" .yaml)"
-fmnist="${FMNIST:-fmnist}"
+fmnist="${FMNIST:-fmnist}"  # PYTHON (below) should be the interpreter of that fmnist's environment
 runs=()
 for seed in $(seq 1 "$n"); do
   out="runs/repro/${name}-seed${seed}"
@@ -20,7 +20,7 @@ for seed in $(seq 1 "$n"); do
   $fmnist fit --config "$config" --seed "$seed" --out "$out" --no-progress "${resume[@]}" "$@"
   $fmnist test --ckpt "$out/checkpoints/best.ckpt" --out "$out" >/dev/null
 done
-python3 - "$config" "$*" "${runs[@]}" <<'PY'
+"${PYTHON:-python3}" - "$config" "$*" "${runs[@]}" <<'PY'
 import csv, json, platform, statistics, sys
 from pathlib import Path
 
