@@ -159,7 +159,9 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-OutOption = Annotated[Optional[Path], typer.Option("--out", help="Output folder.")]
+OutOption = Annotated[
+    Optional[Path], typer.Option("--out", help="Output folder. Default: the checkpoint's run folder.")
+]
 CkptOption = Annotated[Path, typer.Option("--ckpt", help="Checkpoint file, e.g. runs/001/checkpoints/best.ckpt.")]
 
 
