@@ -314,11 +314,10 @@ def predict_samples(
 ) -> None:
     """Show correctly and incorrectly classified test images (correct.png, incorrect.png)."""
     with user_errors():
-        from fmnist_lightning.evaluation import MAX_SAMPLES, check_output_dir, evaluate, write_sample_grids
+        from fmnist_lightning.evaluation import check_output_dir, check_sample_count, evaluate, write_sample_grids
         from fmnist_lightning.training import hardware_for
 
-        if not 1 <= num <= MAX_SAMPLES:
-            raise UsageError(f"--num must be between 1 and {MAX_SAMPLES}, got {num}")
+        check_sample_count(num)  # before the evaluation, so a bad --num fails at once
         s = _settings(settings)
         out = out or _default_out_for(ckpt)
         check_output_dir(out)

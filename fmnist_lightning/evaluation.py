@@ -180,12 +180,16 @@ def pick_samples(results: TestResults, num: int) -> tuple[list[int], list[int]]:
     return results.index[correct[:num]].tolist(), results.index[wrong[:num]].tolist()
 
 
+def check_sample_count(num: int) -> None:
+    if not 1 <= num <= MAX_SAMPLES:
+        raise UsageError(f"--num must be between 1 and {MAX_SAMPLES}, got {num}")
+
+
 def write_sample_grids(results: TestResults, num: int, out: Path) -> dict[str, list[int]]:
     """correct.png and incorrect.png in `out`, each image titled "Predicted X, Class Y"; returns the indices."""
     from fmnist_lightning.plots import plot_image_grid
 
-    if not 1 <= num <= MAX_SAMPLES:
-        raise UsageError(f"--num must be between 1 and {MAX_SAMPLES}, got {num}")
+    check_sample_count(num)
     picked = dict(zip(("correct", "incorrect"), pick_samples(results, num)))
     for name, indices in picked.items():
         titles = [
