@@ -41,6 +41,7 @@ app = typer.Typer(
 
 HARDWARE = ("accelerator", "devices", "strategy", "num_nodes", "precision", "gpus")
 DATA = ("data_dir", "offline")
+EVALUATION = ("eval_batch_size", "eval_engine")
 DEFAULT_PATHS = "raw,fmnist,typical"
 _debug = False  # set by --debug on the root command: show tracebacks instead of one-line errors
 
@@ -186,35 +187,31 @@ def data(
     """Analyse the data: split shapes, pixel range, images per class, and a grid of samples."""
     with user_errors():
         s = _settings(settings)
-        from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, one_hot
+        from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, first_of_each_class, summarize
         from fmnist_lightning.evaluation import check_output_dir
         from fmnist_lightning.plots import plot_image_grid
 
         check_output_dir(out)
-
         dm = FashionMNISTDataModule(data_dir=s.data_dir, offline=s.offline, val_size=s.val_size)
         dm.setup()
+        summary = summarize(dm)
         table = Table(title=f"Fashion-MNIST ({dm.source})")
         for column in ("split", "images", "labels (one-hot)", "pixel min", "pixel max"):
             table.add_column(column, justify="right")
+        for split, row in summary.items():
+            table.add_row(
+                split, str(row.images_shape), str(row.targets_shape), f"{row.pixel_min:.1f}", f"{row.pixel_max:.1f}"
+            )
         counts = Table(title="Images per class")
         counts.add_column("class")
-        for split in ("train", "val", "test"):
-            images, labels = dm.split(split)
-            x = images.float() / 255.0
-            table.add_row(
-                split, str((*images.shape, 1)), str(tuple(one_hot(labels).shape)), f"{x.min():.1f}", f"{x.max():.1f}"
-            )
+        for split in summary:
             counts.add_column(split, justify="right")
-        per_split = [
-            dm.split(split)[1].bincount(minlength=len(CLASS_NAMES)).tolist() for split in ("train", "val", "test")
-        ]
         for i, name in enumerate(CLASS_NAMES):
-            counts.add_row(name, *(str(c[i]) for c in per_split))
+            counts.add_row(name, *(str(row.per_class[i]) for row in summary.values()))
         console.print(table)
         console.print(counts)
         images, labels = dm.split("train")
-        first = [int((labels == k).nonzero()[0]) for k in range(len(CLASS_NAMES))]
+        first = first_of_each_class(labels)
         plot_image_grid(images[first], [CLASS_NAMES[labels[i]] for i in first], out / "samples.png")
         console.print(f"wrote {out / 'samples.png'}")
 
@@ -259,7 +256,7 @@ def _print_fit_summary(result: Any) -> None:
 
 
 @app.command()
-@with_settings((*HARDWARE, *DATA, "eval_batch_size"))
+@with_settings((*HARDWARE, *DATA, *EVALUATION))
 def test(settings: dict[str, Any], ckpt: CkptOption, out: OutOption = None) -> None:
     """Evaluate a checkpoint on the 10,000 test images: loss, accuracy, classification report."""
     with user_errors():
@@ -305,7 +302,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 @app.command("predict-samples")
-@with_settings((*HARDWARE, *DATA, "eval_batch_size"))
+@with_settings((*HARDWARE, *DATA, *EVALUATION))
 def predict_samples(
     settings: dict[str, Any],
     ckpt: CkptOption,
@@ -314,14 +311,13 @@ def predict_samples(
 ) -> None:
     """Show correctly and incorrectly classified test images (correct.png, incorrect.png)."""
     with user_errors():
-        from fmnist_lightning.evaluation import check_output_dir, check_sample_count, evaluate, write_sample_grids
-        from fmnist_lightning.training import hardware_for
+        from fmnist_lightning.evaluation import check_output_dir, check_sample_count, evaluate_with, write_sample_grids
 
         check_sample_count(num)  # before the evaluation, so a bad --num fails at once
         s = _settings(settings)
         out = out or _default_out_for(ckpt)
         check_output_dir(out)
-        results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
+        results = evaluate_with(ckpt, s)
         if results.is_global_zero:
             _print_samples(write_sample_grids(results, num, out), num, out)
 
@@ -436,7 +432,17 @@ def _print_bench(result: dict[str, Any]) -> None:
         f"torch {result['versions']['torch']}, lightning {result['versions']['lightning']}"
     )
     table = Table(title=title)
-    columns = ("path", "train img/s", "warm-up s", "epoch s", "eval img/s", "eval batch", "peak RSS MB", "CUDA MB")
+    columns = (
+        "path",
+        "train img/s",
+        "warm-up s",
+        "epoch s",
+        "eval img/s",
+        "eval batch",
+        "eval engine",
+        "peak RSS MB",
+        "CUDA MB",
+    )
     for column in columns:
         table.add_column(column, justify="right")
     for name, r in result["results"].items():
@@ -448,6 +454,7 @@ def _print_bench(result: dict[str, Any]) -> None:
             f"{r['epoch_s']:.1f}",
             f"{r['eval_images_per_s']:,.0f}",
             str(r["eval_batch_size"]),
+            r["settings"].get("eval_engine", "torch"),
             f"{r['peak_rss_mb']:,.0f}",
             "-" if cuda is None else f"{cuda:,.0f}",
         )
@@ -570,7 +577,7 @@ def export(
 
 
 @app.command()
-@with_settings((*HARDWARE, *DATA, "eval_batch_size"))
+@with_settings((*HARDWARE, *DATA, *EVALUATION))
 def report(
     settings: dict[str, Any],
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder, e.g. runs/001.", show_default=False)],
@@ -582,9 +589,13 @@ def report(
     with user_errors():
         if not run_dir.is_dir():
             raise UsageError(f"run folder {run_dir} does not exist or is not a folder")
-        from fmnist_lightning.evaluation import classification_report, evaluate, write_sample_grids, write_test_outputs
+        from fmnist_lightning.evaluation import (
+            classification_report,
+            evaluate_with,
+            write_sample_grids,
+            write_test_outputs,
+        )
         from fmnist_lightning.html_report import SAMPLE_FILES, TEST_FILES, needs_update, write_report
-        from fmnist_lightning.training import hardware_for
 
         ckpt = run_dir / "checkpoints" / "best.ckpt"
         stale_test = ckpt.is_file() and needs_update(run_dir, TEST_FILES, ckpt)
@@ -592,7 +603,7 @@ def report(
         is_global_zero = True
         if stale_test or stale_samples:  # one pass over the test set serves both
             s = _settings(settings)
-            results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
+            results = evaluate_with(ckpt, s)
             is_global_zero = results.is_global_zero
             if is_global_zero and stale_test:
                 report = classification_report(results)

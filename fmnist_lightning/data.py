@@ -399,6 +399,35 @@ def one_hot(labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
     return targets
 
 
+@dataclass
+class SplitSummary:
+    images_shape: tuple[int, ...]  # as the tutorial shows it: (N, 28, 28, 1)
+    targets_shape: tuple[int, ...]  # one-hot: (N, 10)
+    pixel_min: float  # after rescaling to [0, 1]
+    pixel_max: float
+    per_class: list[int]  # images of each class, in CLASS_NAMES order
+
+
+def summarize(dm: FashionMNISTDataModule) -> dict[str, SplitSummary]:
+    """What `fmnist data` shows of each split of a set-up data module."""
+    summary = {}
+    for split in ("train", "val", "test"):
+        images, labels = dm.split(split)
+        summary[split] = SplitSummary(
+            images_shape=(*images.shape, 1),
+            targets_shape=(len(labels), NUM_CLASSES),
+            pixel_min=float(images.min()) / 255.0,
+            pixel_max=float(images.max()) / 255.0,
+            per_class=labels.bincount(minlength=NUM_CLASSES).tolist(),
+        )
+    return summary
+
+
+def first_of_each_class(labels: torch.Tensor) -> list[int]:
+    """Index of the first image of each class, in CLASS_NAMES order."""
+    return [int((labels == k).nonzero()[0]) for k in range(NUM_CLASSES)]
+
+
 class FashionMNISTDataModule(L.LightningDataModule):
     """The tutorial's splits: val = first `val_size` training images, train = the rest, test = official 10k."""
 

@@ -81,19 +81,35 @@ class TestResults:
         return self.probabilities.argmax(dim=1)
 
 
+def use_engine(model: FashionClassifier, engine: str, hw: Hardware) -> FashionClassifier:
+    """Let `engine` run the model's network from now on (inference only); `torch` changes nothing."""
+    if engine == "onnxruntime":
+        if hw.accelerator != "cpu" or hw.precision != "32-true":
+            raise UsageError(
+                "--eval-engine onnxruntime runs fp32 on the CPU: use it with --accelerator cpu --precision 32-true "
+                f"(got {hw.accelerator}, {hw.precision}), or keep the default torch engine"
+            )
+        from fmnist_lightning.inference import OnnxRuntimeNet
+
+        model.net = OnnxRuntimeNet(model.net)
+    return model
+
+
 def evaluate(
     ckpt: Path,
     hw: Hardware,
     data_dir: str | Path = "data",
     offline: bool = False,
     eval_batch_size: int = 250,
+    engine: str = "torch",
 ) -> TestResults:
     """Evaluate a checkpoint on the official 10,000 test images, each exactly once (also under DDP).
 
-    Runs the fast path: channels_last layout and inference mode, whatever layout the model was
-    trained in (same arithmetic in another memory order; `tests/test_model.py` checks agreement).
+    The `torch` engine runs the fast path: channels_last layout and inference mode, whatever
+    layout the model was trained in (same arithmetic in another memory order; `tests/test_model.py`
+    checks agreement). `onnxruntime` exports the network and runs it there (CPU, fp32).
     """
-    model = load_classifier(ckpt).to_channels_last()
+    model = use_engine(load_classifier(ckpt).to_channels_last(), engine, hw)
     datamodule = FashionMNISTDataModule(data_dir=data_dir, offline=offline, eval_batch_size=eval_batch_size)
     trainer = L.Trainer(
         accelerator=hw.accelerator,
@@ -117,6 +133,11 @@ def evaluate(
         images=images[values["index"]],
         is_global_zero=trainer.is_global_zero,
     )
+
+
+def evaluate_with(ckpt: Path, s: Settings) -> TestResults:
+    """`evaluate` with the hardware, data and evaluation options of a command's settings."""
+    return evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size, s.eval_engine)
 
 
 def classification_report(results: TestResults) -> dict[str, Any]:
@@ -214,7 +235,7 @@ def check_output_dir(out: Path) -> None:
 def run_test(ckpt: Path, s: Settings, out: Path) -> tuple[TestResults, dict[str, Any] | None]:
     """What `fmnist test` does: evaluate, then (on rank 0) write report.json, predictions.csv and the
     confusion matrix to `out`. Returns the results and the report (None on other ranks)."""
-    results = evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size)
+    results = evaluate_with(ckpt, s)
     if not results.is_global_zero:
         return results, None
     report = classification_report(results)

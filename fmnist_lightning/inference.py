@@ -9,10 +9,12 @@ black while product photos show them on white.
 from __future__ import annotations
 
 import logging
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -169,7 +171,7 @@ def _require_onnx() -> None:
         ) from None
 
 
-def export_onnx(model: FashionClassifier, sample: torch.Tensor, path: Path) -> None:
+def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path) -> None:
     """ONNX with input `images` (batch, 1, 28, 28) and output `logits` (batch, 10); any batch size."""
     _require_onnx()
     # The exporter's graph passes log each step at INFO, which the CLI shows: keep them to warnings.
@@ -205,14 +207,45 @@ def export_torchscript(model: FashionClassifier, sample: torch.Tensor, path: Pat
         torch.jit.save(traced, str(path))
 
 
+def onnxruntime_session(path: Path) -> Any:
+    """An onnxruntime CPU session with PyTorch's thread count (ImportError when not installed)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 def onnx_logits(path: Path, images: torch.Tensor) -> torch.Tensor | None:
     """Run an exported ONNX file with onnxruntime; None when onnxruntime is not installed."""
     try:
-        import onnxruntime
+        session = onnxruntime_session(path)
     except ImportError:
         return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(["logits"], {"images": images.numpy()})[0])
+
+
+class OnnxRuntimeNet(torch.nn.Module):
+    """A network exported to ONNX and run by onnxruntime on the CPU, in place of the PyTorch
+    network for inference (`--eval-engine onnxruntime`). onnxruntime fuses each conv with its
+    ReLU and runs them in a blocked layout, which PyTorch's eager mode cannot do: on a 2-core
+    CPU it evaluates the test set about 1.4 times faster than channels_last PyTorch."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        _require_onnx()
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise FmnistError(f"--eval-engine onnxruntime needs the 'export' extra: {EXPORT_EXTRA_HINT}") from None
+        with tempfile.TemporaryDirectory(prefix="fmnist-onnx-") as tmp:
+            path = Path(tmp) / "net.onnx"
+            export_onnx(net.cpu().eval(), torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE), path)
+            self.session = onnxruntime_session(path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = x.detach().cpu().float().contiguous().numpy()
+        return torch.from_numpy(self.session.run(["logits"], {"images": images})[0])
 
 
 def torchscript_logits(path: Path, images: torch.Tensor) -> torch.Tensor:

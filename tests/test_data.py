@@ -236,3 +236,18 @@ def test_fmnist_data_command(cli, tmp_path: Path) -> None:
     assert "(5000, 28, 28, 1)" in out and "(10000, 28, 28, 1)" in out
     assert "system copy" in out + err
     assert is_png(tmp_path / "samples.png")
+
+
+def test_summary_of_the_splits(datamodule) -> None:
+    from fmnist_lightning.data import first_of_each_class, summarize
+
+    summary = summarize(datamodule)
+    assert summary["val"].images_shape == (5000, 28, 28, 1) and summary["val"].targets_shape == (5000, 10)
+    assert summary["test"].per_class == [1000] * 10
+    # Validation is the first 5,000 of the official training file: with train, 6,000 of each class.
+    assert [a + b for a, b in zip(summary["train"].per_class, summary["val"].per_class)] == [6000] * 10
+    assert (summary["train"].pixel_min, summary["train"].pixel_max) == (0.0, 1.0)
+    labels = datamodule.split("train")[1]
+    first = first_of_each_class(labels)
+    assert labels[first].tolist() == list(range(10))
+    assert all(int(labels[:i].eq(k).sum()) == 0 for k, i in enumerate(first))

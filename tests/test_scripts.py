@@ -10,17 +10,23 @@ from pathlib import Path
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
 
-def test_benchmark_quick_writes_json_for_all_three_paths(real_data: None, tmp_path: Path) -> None:
+def test_benchmark_quick_writes_json_for_all_paths(real_data: None, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = [sys.executable, str(SCRIPTS / "benchmark.py"), "--quick", "--steps", "3", "--warmup-steps", "1",
-            "--eval-batch-size", "500", "--json", str(out)]  # fmt: skip
+            "--eval-batch-size", "500", "--paths", "raw,fmnist,typical,fmnist-fast", "--json", str(out)]  # fmt: skip
     result = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert set(data["results"]) == {"raw", "fmnist", "typical"}
+    assert set(data["results"]) == {"raw", "fmnist", "typical", "fmnist-fast"}
     for path in data["results"].values():
         assert path["train_images_per_s"] > 0 and path["eval_images_per_s"] > 0 and path["peak_rss_mb"] > 0
-    assert {"fmnist/raw train", "fmnist/typical train", "fmnist/raw eval"} <= data["ratios"].keys()
+    assert {"fmnist/raw train", "fmnist/typical train", "fmnist/raw eval", "fmnist-fast/raw eval"} <= data[
+        "ratios"
+    ].keys()
+    fast = data["results"]["fmnist-fast"]
+    assert fast["settings"]["channels_last"] and fast["settings"]["eval_batch_size"] == 250
+    if not data["machine"]["cpu_bf16"]:  # the tests install the 'export' extra: onnxruntime evaluates
+        assert fast["settings"]["eval_engine"] == "onnxruntime" and fast["eval_setup_s"] > 0
     assert data["versions"]["torch"] and data["config"]["steps"] == 3
     assert "fmnist/raw train" in result.stdout
 

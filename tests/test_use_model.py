@@ -194,6 +194,39 @@ def test_export_usage_errors_and_missing_extra(trained_run: Path, cli, monkeypat
     assert onnx_logits(Path("model.onnx"), torch.zeros(1, 1, 28, 28)) is None
 
 
+def test_onnxruntime_engine_gives_the_report_of_the_torch_engine(
+    reported_run: tuple[Path, str], cli, tmp_path: Path
+) -> None:
+    run = reported_run[0]  # holds the report.json and predictions.csv of the default torch engine
+    code, _, err = cli("test", "--ckpt", _ckpt(run), "--offline", "--eval-engine", "onnxruntime", "--out", tmp_path)
+    assert code == 0, err
+    torch_rows = list(csv.DictReader((run / "predictions.csv").open()))
+    onnx_rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
+    assert len(onnx_rows) == len(torch_rows) == 10000
+    assert [r["predicted"] for r in onnx_rows] == [r["predicted"] for r in torch_rows]
+    probability_columns = [f"p_{name}" for name in CLASS_NAMES]
+    worst = max(abs(float(a[c]) - float(b[c])) for a, b in zip(onnx_rows, torch_rows) for c in probability_columns)
+    assert worst < 1e-4
+    torch_report, onnx_report = (json.loads((d / "report.json").read_text()) for d in (run, tmp_path))
+    assert onnx_report["accuracy"] == torch_report["accuracy"]
+    assert onnx_report["confusion_matrix"] == torch_report["confusion_matrix"]
+    assert onnx_report["loss"] == pytest.approx(torch_report["loss"], abs=1e-5)
+
+
+def test_onnxruntime_engine_refuses_what_it_cannot_run(trained_run: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = cli(
+        "test", "--ckpt", _ckpt(trained_run), "--eval-engine", "onnxruntime", "--precision", "bf16-mixed"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "--eval-engine onnxruntime runs fp32 on the CPU" in err
+    code, _, err = cli("test", "--ckpt", _ckpt(trained_run), "--eval-engine", "tensorrt")
+    assert code == 2 and "--eval-engine" in err
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the 'export' extra were not installed
+    code, _, err = cli("test", "--ckpt", _ckpt(trained_run), "--offline", "--eval-engine", "onnxruntime")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "pip install 'fmnist-lightning[export]'" in err
+
+
 def _open_in_chromium(page: Path, tmp_path: Path) -> dict[str, int]:
     """Load the page in headless Chromium; a script added to a copy reports what the browser rendered."""
     check = """<script>
