@@ -32,7 +32,7 @@ from lightning.pytorch.callbacks import Callback
 
 from fmnist_lightning.config import Settings, provenance
 from fmnist_lightning.data import FILES, FashionMNISTDataModule, locate, read_verified
-from fmnist_lightning.evaluation import use_engine
+from fmnist_lightning.evaluation import evaluation_engine
 from fmnist_lightning.model import ConvNet, build_optimizer
 from fmnist_lightning.training import Hardware, build_datamodule, build_model, build_trainer, resolve_hardware
 
@@ -247,9 +247,9 @@ def bench_fmnist(cfg: BenchConfig, workdir: Path, overrides: dict[str, Any] | No
     trainer = build_trainer(s, hw, workdir / "fmnist", extra_callbacks=[timer])
     trainer.fit(model, datamodule=dm)
     setup_start = time.perf_counter()
-    use_engine(model, s.eval_engine, hw)  # what `fmnist test --eval-engine` does (an ONNX export)
-    eval_setup_s = time.perf_counter() - setup_start
-    trainer.test(model, datamodule=dm, verbose=False)
+    with evaluation_engine(model, s.eval_engine, hw):  # as `fmnist test --eval-engine` (an ONNX export)
+        eval_setup_s = time.perf_counter() - setup_start
+        trainer.test(model, datamodule=dm, verbose=False)
     result = timer.result(cfg, s.eval_batch_size, trainer.strategy.root_device)
     result.eval_setup_s = eval_setup_s
     keys = ("precision", "channels_last", "eval_batch_size", "eval_engine", "compile")

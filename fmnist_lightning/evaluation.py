@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import pickle
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,18 +83,30 @@ class TestResults:
         return self.probabilities.argmax(dim=1)
 
 
-def use_engine(model: FashionClassifier, engine: str, hw: Hardware) -> FashionClassifier:
-    """Let `engine` run the model's network from now on (inference only); `torch` changes nothing."""
-    if engine == "onnxruntime":
-        if hw.accelerator != "cpu" or hw.precision != "32-true":
-            raise UsageError(
-                "--eval-engine onnxruntime runs fp32 on the CPU: use it with --accelerator cpu --precision 32-true "
-                f"(got {hw.accelerator}, {hw.precision}), or keep the default torch engine"
-            )
-        from fmnist_lightning.inference import OnnxRuntimeNet
+@contextlib.contextmanager
+def evaluation_engine(model: FashionClassifier, engine: str, hw: Hardware) -> Iterator[FashionClassifier]:
+    """Inside the block, `engine` runs the model's network (inference only); `torch` changes nothing."""
+    if engine != "onnxruntime":
+        yield model
+        return
+    if hw.accelerator != "cpu" or hw.precision != "32-true":
+        raise UsageError(
+            "--eval-engine onnxruntime runs fp32 on the CPU: use it with --accelerator cpu --precision 32-true "
+            f"(got {hw.accelerator}, {hw.precision}), or keep the default torch engine"
+        )
+    from fmnist_lightning.inference import OnnxRuntimeNet
 
-        model.net = OnnxRuntimeNet(model.net)
-    return model
+    torch_net, threads = model.net, torch.get_num_threads()
+    model.net = OnnxRuntimeNet(torch_net)  # with PyTorch's thread count
+    # onnxruntime has its own threads. PyTorch's OpenMP threads, once woken by a torch op (building
+    # a batch), spin-wait for more work on the cores onnxruntime is using: with 250-image batches
+    # that cost a quarter of the speed here. With one torch thread there are none to spin.
+    torch.set_num_threads(1)
+    try:
+        yield model
+    finally:
+        torch.set_num_threads(threads)
+        model.net = torch_net
 
 
 def evaluate(
@@ -109,7 +123,7 @@ def evaluate(
     layout the model was trained in (same arithmetic in another memory order; `tests/test_model.py`
     checks agreement). `onnxruntime` exports the network and runs it there (CPU, fp32).
     """
-    model = use_engine(load_classifier(ckpt).to_channels_last(), engine, hw)
+    model = load_classifier(ckpt).to_channels_last()
     datamodule = FashionMNISTDataModule(data_dir=data_dir, offline=offline, eval_batch_size=eval_batch_size)
     trainer = L.Trainer(
         accelerator=hw.accelerator,
@@ -122,7 +136,8 @@ def evaluate(
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    trainer.test(model, datamodule=datamodule, verbose=False)
+    with evaluation_engine(model, engine, hw):
+        trainer.test(model, datamodule=datamodule, verbose=False)
     values = model.test_results
     images, labels = datamodule.split("test")
     return TestResults(

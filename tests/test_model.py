@@ -28,6 +28,21 @@ def test_tutorial_network_has_356234_parameters_and_tf_same_shapes() -> None:
     assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 
+def test_pooling_before_relu_is_the_tutorials_conv_relu_pool_exactly() -> None:
+    net = ConvNet()
+    tutorial_order = nn.Sequential()  # conv -> ReLU -> pool, the same modules (so the same weights)
+    for i in range(0, len(net.features), 4):
+        conv, pool, relu, _ = net.features[i : i + 4]
+        tutorial_order.extend([conv, nn.ReLU(), pool])
+    x = torch.randn(16, 1, 28, 28)
+    ours, theirs = net.features(x), tutorial_order(x)
+    assert torch.equal(ours, theirs)
+    grad = torch.randn_like(ours)
+    ours_grads = torch.autograd.grad(ours, list(net.features.parameters()), grad)
+    theirs_grads = torch.autograd.grad(theirs, list(net.features.parameters()), grad)
+    assert all(torch.equal(a, b) for a, b in zip(ours_grads, theirs_grads))
+
+
 def test_xavier_init_and_zero_biases() -> None:
     conv = ConvNet().features[0].requires_grad_(False)
     bound = (6 / (1 * 9 + 32 * 9)) ** 0.5
