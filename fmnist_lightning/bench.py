@@ -82,14 +82,17 @@ def onnxruntime_installed() -> bool:
 
 def fast_settings(device: str) -> dict[str, Any]:
     """The project's fastest setting for a device: channels_last (the default), bf16 where the
-    hardware does it natively; on CPUs a cache-sized eval batch and onnxruntime for evaluation
-    when the 'export' extra is installed."""
+    hardware does it natively. On CPUs, evaluation runs in onnxruntime (fp32 only) when the 'export'
+    extra is installed, in batches of 1000 (fewer per-batch steps); PyTorch prefers 250, which
+    keeps its unfused activations in cache."""
     if device == "cpu":
+        bf16 = cpu_supports_bf16()
+        engine = "onnxruntime" if onnxruntime_installed() and not bf16 else "torch"
         return {
             "channels_last": True,
-            "precision": "bf16-mixed" if cpu_supports_bf16() else "32-true",
-            "eval_batch_size": 250,
-            "eval_engine": "onnxruntime" if onnxruntime_installed() and not cpu_supports_bf16() else "torch",
+            "precision": "bf16-mixed" if bf16 else "32-true",
+            "eval_batch_size": 1000 if engine == "onnxruntime" else 250,
+            "eval_engine": engine,
         }
     return {"channels_last": True, "precision": "bf16-mixed", "eval_batch_size": 2000}
 
