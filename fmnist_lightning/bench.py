@@ -8,8 +8,11 @@
 - `fmnist-fast` (optional): the project's fastest setting for the device (`fast_settings`).
 
 Each path runs the same number of steps after the same warm-up; ratios measured in one run survive
-a noisy machine, absolute numbers do not. Peak RSS is the process's high-water mark after each
-path (paths run in the order given, so later paths can only report the same or more).
+a noisy machine, absolute numbers do not. With `repeats` > 1 the paths run in rounds, each round
+in a rotated order (so every path takes every position equally often, and a slow minute of a
+shared machine is spread over all of them); each ratio is computed within a round, between paths
+run minutes apart, and reported as mean +- std over the rounds. Peak RSS is the process's
+high-water mark after each path (later paths can only report the same or more).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import importlib.util
 import platform
 import resource
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
@@ -52,6 +56,7 @@ class BenchConfig:
     paths: tuple[str, ...] = ("raw", "fmnist", "typical")
     data_dir: str = "data"
     seed: int = 0
+    repeats: int = 1  # rounds over all paths, in rotated order
 
 
 @dataclass
@@ -225,7 +230,9 @@ def _hardware(cfg: BenchConfig, precision: str) -> Hardware:
     return resolve_hardware(accelerator="gpu" if cfg.device == "cuda" else "cpu", devices="1", precision=precision)
 
 
-def bench_fmnist(cfg: BenchConfig, workdir: Path, overrides: dict[str, Any] | None = None) -> PathResult:
+def bench_fmnist(
+    cfg: BenchConfig, workdir: Path, overrides: dict[str, Any] | None = None, name: str = "fmnist"
+) -> PathResult:
     """The project's own path, built by the same functions `fmnist fit` and `fmnist test` use."""
     s = Settings(
         batch_size=cfg.batch_size,
@@ -247,7 +254,7 @@ def bench_fmnist(cfg: BenchConfig, workdir: Path, overrides: dict[str, Any] | No
     dm = build_datamodule(s)
     model = build_model(s, dm)
     timer = _StepTimer(cfg.warmup_steps)
-    trainer = build_trainer(s, hw, workdir / "fmnist", extra_callbacks=[timer])
+    trainer = build_trainer(s, hw, workdir / name, extra_callbacks=[timer])
     trainer.fit(model, datamodule=dm)
     setup_start = time.perf_counter()
     with evaluation_engine(model, s.eval_engine, hw):  # as `fmnist test --eval-engine` (an ONNX export)
@@ -322,8 +329,16 @@ def bench_typical(cfg: BenchConfig, workdir: Path) -> PathResult:
     return timer.result(cfg, cfg.eval_batch_size, trainer.strategy.root_device)
 
 
+def round_order(paths: tuple[str, ...], round_index: int) -> tuple[str, ...]:
+    """The paths of one round: rotated by the round's index, so over len(paths) rounds every path
+    runs first, second, ... once."""
+    k = round_index % len(paths)
+    return paths[k:] + paths[:k]
+
+
 def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the chosen paths; return everything measured, with versions and machine, as a dict."""
+    """Run the chosen paths `cfg.repeats` times; return everything measured, with versions and
+    machine, as a dict: per-round results, means +- std per path, and ratios within each round."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         from fmnist_lightning.errors import UsageError
@@ -331,30 +346,62 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
         raise UsageError("--device cuda asked for, but no GPU is visible")
     dm = FashionMNISTDataModule(data_dir=cfg.data_dir, offline=True)
     dm.setup()
-    results: dict[str, PathResult] = {}
+    rounds: list[dict[str, PathResult]] = []
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
         workdir = Path(tmp)
-        for path in cfg.paths:
-            if on_path:
-                on_path(path)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            if path == "raw":
-                results[path] = bench_raw(cfg, dm, device)
-            elif path == "fmnist":
-                results[path] = bench_fmnist(cfg, workdir)
-            elif path == "typical":
-                results[path] = bench_typical(cfg, workdir)
-            else:
-                results[path] = bench_fmnist(cfg, workdir, fast_settings(cfg.device))
+        for r in range(cfg.repeats):
+            measured: dict[str, PathResult] = {}
+            for path in round_order(cfg.paths, r):
+                if on_path:
+                    on_path(path if cfg.repeats == 1 else f"{path} (round {r + 1} of {cfg.repeats})")
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                measured[path] = _bench_path(path, cfg, dm, device, workdir / f"round-{r + 1}")
+            rounds.append(measured)
+    per_round_ratios = [_ratios(m) for m in rounds]
+    ratio_names = per_round_ratios[0].keys()
     return {
         "config": asdict(cfg),
         "machine": _machine(device),
         "versions": provenance(),
         "date": time.strftime("%Y-%m-%d"),
-        "results": {name: asdict(r) for name, r in results.items()},
-        "ratios": _ratios(results),
+        "results": {path: _summary([m[path] for m in rounds]) for path in cfg.paths},
+        "ratios": {name: statistics.fmean(r[name] for r in per_round_ratios) for name in ratio_names},
+        "ratios_std": {name: _std([r[name] for r in per_round_ratios]) for name in ratio_names},
+        "ratios_per_round": {name: [r[name] for r in per_round_ratios] for name in ratio_names},
+        "rounds": [{"order": list(m), **{path: asdict(res) for path, res in m.items()}} for m in rounds],
     }
+
+
+def _bench_path(
+    path: str, cfg: BenchConfig, dm: FashionMNISTDataModule, device: torch.device, workdir: Path
+) -> PathResult:
+    if path == "raw":
+        return bench_raw(cfg, dm, device)
+    if path == "fmnist":
+        return bench_fmnist(cfg, workdir)
+    if path == "typical":
+        return bench_typical(cfg, workdir)
+    return bench_fmnist(cfg, workdir, fast_settings(cfg.device), name="fmnist-fast")
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _summary(runs: list[PathResult]) -> dict[str, Any]:
+    """One path over all rounds: the mean of every timing, the highest peak memory, and the
+    standard deviation of the two speeds."""
+    summary = asdict(runs[0])
+    for key in ("train_images_per_s", "warmup_s", "epoch_s", "eval_images_per_s", "eval_setup_s"):
+        summary[key] = statistics.fmean(getattr(r, key) for r in runs)
+    summary["peak_rss_mb"] = max(r.peak_rss_mb for r in runs)
+    cuda = [r.cuda_max_allocated_mb for r in runs if r.cuda_max_allocated_mb is not None]
+    summary["cuda_max_allocated_mb"] = max(cuda) if cuda else None
+    summary["train_images_per_s_std"] = _std([r.train_images_per_s for r in runs])
+    summary["eval_images_per_s_std"] = _std([r.eval_images_per_s for r in runs])
+    summary["rounds"] = len(runs)
+    return summary
 
 
 def _ratios(results: dict[str, PathResult]) -> dict[str, float]:

@@ -379,6 +379,13 @@ def bench(
     warmup_steps: Annotated[Optional[int], typer.Option(help="Steps timed apart first.", show_default="20")] = None,
     paths: Annotated[str, typer.Option(help="Comma-separated: raw, fmnist, typical, fmnist-fast.")] = DEFAULT_PATHS,
     quick: Annotated[bool, typer.Option("--quick", help="Defaults of 40 steps after 5: well under 3 minutes.")] = False,
+    repeats: Annotated[
+        int,
+        typer.Option(
+            help="Rounds over all paths, each in a rotated order; speeds and ratios are reported as "
+            "mean +- std over the rounds (ratios are taken within each round)."
+        ),
+    ] = 1,
     json_path: Annotated[
         Optional[Path], typer.Option("--json", help="Also write all results to this JSON file.")
     ] = None,
@@ -400,8 +407,10 @@ def bench(
         steps = steps if steps is not None else (40 if quick else 400)
         if epochs:
             steps = round(epochs * 55000 / batch_size) - warmup_steps
-        if min(batch_size, eval_batch_size, steps) < 1 or warmup_steps < 0 or epochs < 0:
-            raise UsageError("batch sizes and --steps must be at least 1, --warmup-steps and --epochs at least 0")
+        if min(batch_size, eval_batch_size, steps, repeats) < 1 or warmup_steps < 0 or epochs < 0:
+            raise UsageError(
+                "batch sizes, --steps and --repeats must be at least 1, --warmup-steps and --epochs at least 0"
+            )
         cfg = BenchConfig(
             device=device,
             precision=precision,
@@ -413,6 +422,7 @@ def bench(
             steps=steps,
             paths=chosen,
             data_dir=_settings(settings).data_dir,
+            repeats=repeats,
         )
         result = run_benchmark(cfg, on_path=lambda p: err_console.print(f"[bold]benchmarking {p}...[/]"))
         _print_bench(result)
@@ -426,9 +436,11 @@ def bench(
 
 def _print_bench(result: dict[str, Any]) -> None:
     cfg, machine = result["config"], result["machine"]
+    rounds = cfg["repeats"]
     title = (
         f"{cfg['device']} ({machine.get('gpu') or machine['cpu']}, {machine['cpu_threads']} threads), "
-        f"{cfg['precision']}, batch {cfg['batch_size']}, {cfg['steps']} steps after {cfg['warmup_steps']} warm-up; "
+        f"{cfg['precision']}, batch {cfg['batch_size']}, {cfg['steps']} steps after {cfg['warmup_steps']} warm-up"
+        f"{f', mean +- std of {rounds} rounds' if rounds > 1 else ''}; "
         f"torch {result['versions']['torch']}, lightning {result['versions']['lightning']}"
     )
     table = Table(title=title)
@@ -445,14 +457,18 @@ def _print_bench(result: dict[str, Any]) -> None:
     )
     for column in columns:
         table.add_column(column, justify="right")
+
+    def spread(mean: float, std: float) -> str:
+        return f"{mean:,.0f}" + (f" +- {std:,.0f}" if rounds > 1 else "")
+
     for name, r in result["results"].items():
         cuda = r["cuda_max_allocated_mb"]
         table.add_row(
             name,
-            f"{r['train_images_per_s']:,.0f}",
+            spread(r["train_images_per_s"], r["train_images_per_s_std"]),
             f"{r['warmup_s']:.1f}",
             f"{r['epoch_s']:.1f}",
-            f"{r['eval_images_per_s']:,.0f}",
+            spread(r["eval_images_per_s"], r["eval_images_per_s_std"]),
             str(r["eval_batch_size"]),
             r["settings"].get("eval_engine", "torch"),
             f"{r['peak_rss_mb']:,.0f}",
@@ -460,7 +476,11 @@ def _print_bench(result: dict[str, Any]) -> None:
         )
     console.print(table)
     for name, ratio in result["ratios"].items():
-        console.print(f"{name}: {ratio:.2f}x")
+        if rounds > 1:
+            per_round = ", ".join(f"{x:.2f}" for x in result["ratios_per_round"][name])
+            console.print(f"{name}: {ratio:.2f}x +- {result['ratios_std'][name]:.2f} (rounds: {per_round})")
+        else:
+            console.print(f"{name}: {ratio:.2f}x")
 
 
 @app.command()
