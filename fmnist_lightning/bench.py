@@ -18,7 +18,6 @@ high-water mark after each path (later paths can only report the same or more).
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import platform
 import resource
 import statistics
@@ -37,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from fmnist_lightning.config import Settings, provenance
 from fmnist_lightning.data import FILES, FashionMNISTDataModule, locate, read_verified
 from fmnist_lightning.evaluation import evaluation_engine
+from fmnist_lightning.inference import ONNX_ENGINE, missing_modules
 from fmnist_lightning.model import ConvNet, build_optimizer
 from fmnist_lightning.training import Hardware, build_datamodule, build_model, build_trainer, resolve_hardware
 
@@ -81,10 +81,6 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def onnxruntime_installed() -> bool:
-    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
-
-
 def fast_settings(device: str) -> dict[str, Any]:
     """The project's fastest setting for a device: channels_last (the default), bf16 where the
     hardware does it natively. On CPUs, evaluation runs in onnxruntime (fp32 only) when the 'export'
@@ -92,7 +88,7 @@ def fast_settings(device: str) -> dict[str, Any]:
     keeps its unfused activations in cache."""
     if device == "cpu":
         bf16 = cpu_supports_bf16()
-        engine = "onnxruntime" if onnxruntime_installed() and not bf16 else "torch"
+        engine = "onnxruntime" if not missing_modules(ONNX_ENGINE) and not bf16 else "torch"
         return {
             "channels_last": True,
             "precision": "bf16-mixed" if bf16 else "32-true",

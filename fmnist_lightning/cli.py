@@ -27,6 +27,7 @@ from rich.table import Table
 from fmnist_lightning import __version__
 from fmnist_lightning.config import Settings, resolve_settings, setting_fields
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
+from fmnist_lightning.run_files import BEST_CHECKPOINT, CHECKPOINT_DIR, SAMPLE_FILES, TEST_FILES
 
 console = Console()
 err_console = Console(stderr=True)
@@ -66,6 +67,13 @@ def user_errors() -> Iterator[None]:
         label = "[bold yellow]interrupted:[/]" if isinstance(exc, TrainingInterrupted) else "[bold red]error:[/]"
         err_console.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (inside it, training saves a checkpoint and raises
+        # TrainingInterrupted). A fit that had not started has already removed its run folder.
+        if _debug:
+            raise
+        err_console.print("[bold yellow]interrupted:[/] stopped by Ctrl-C", highlight=False)
+        raise typer.Exit(TrainingInterrupted.exit_code) from None
 
 
 def _option_for(f: Any) -> tuple[Any, Any]:
@@ -172,7 +180,7 @@ def _settings(given: dict[str, Any]) -> Settings:
 
 def _default_out_for(ckpt: Path) -> Path:
     """Reports go next to the run that produced the checkpoint (runs/001 for runs/001/checkpoints/best.ckpt)."""
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +280,7 @@ def _test(ckpt: Path, s: Settings, out: Path) -> None:
     if report is None:
         return
     _print_report(report)
-    console.print(f"wrote {out / 'report.json'}, {out / 'predictions.csv'}, {out / 'confusion_matrix.png'}")
+    console.print(f"wrote {', '.join(str(out / name) for name in TEST_FILES)}")
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -327,7 +335,7 @@ def _print_samples(picked: dict[str, list[int]], num: int, out: Path) -> None:
         console.print(f"{name} ({len(indices)}): {indices}")
         if len(indices) < num:
             console.print(f"  only {len(indices)} {name} predictions exist")
-    console.print(f"wrote {out / 'correct.png'} and {out / 'incorrect.png'}")
+    console.print(f"wrote {' and '.join(str(out / name) for name in SAMPLE_FILES)}")
 
 
 @app.command()
@@ -615,9 +623,9 @@ def report(
             write_sample_grids,
             write_test_outputs,
         )
-        from fmnist_lightning.html_report import SAMPLE_FILES, TEST_FILES, needs_update, write_report
+        from fmnist_lightning.html_report import needs_update, write_report
 
-        ckpt = run_dir / "checkpoints" / "best.ckpt"
+        ckpt = run_dir / BEST_CHECKPOINT
         stale_test = ckpt.is_file() and needs_update(run_dir, TEST_FILES, ckpt)
         stale_samples = ckpt.is_file() and needs_update(run_dir, SAMPLE_FILES, ckpt)
         is_global_zero = True

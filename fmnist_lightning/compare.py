@@ -9,6 +9,7 @@ from typing import Any
 from fmnist_lightning.config import Settings
 from fmnist_lightning.evaluation import run_test
 from fmnist_lightning.plots import plot_compare
+from fmnist_lightning.run_files import METRICS
 from fmnist_lightning.training import claimed_run_dir, read_metrics, run_fit
 
 VARIANTS = (("dropout", True), ("no-dropout", False))
@@ -27,7 +28,7 @@ def run_compare(s: Settings, out: Path | None = None) -> list[dict[str, Any]] | 
             _, report = run_test(fitted.best_checkpoint, variant, fitted.run_dir)
             if report is None:  # not rank 0
                 continue
-            history = read_metrics(fitted.run_dir / "metrics.csv")
+            history = read_metrics(fitted.run_dir / METRICS)
             curves[name] = history
             last = history[-1] if history else {}
             rows.append(

@@ -20,6 +20,14 @@ from fmnist_lightning.config import Settings
 from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule
 from fmnist_lightning.errors import CheckpointError, FmnistError, UsageError
 from fmnist_lightning.model import CHECKPOINT_FORMAT, FashionClassifier
+from fmnist_lightning.run_files import (
+    BEST_CHECKPOINT,
+    CONFUSION_MATRIX,
+    CORRECT_SAMPLES,
+    INCORRECT_SAMPLES,
+    PREDICTIONS,
+    TEST_REPORT,
+)
 from fmnist_lightning.training import Hardware, hardware_for
 
 MAX_SAMPLES = 100  # images per grid in predict-samples: more would not be readable (nor fit a PNG)
@@ -31,9 +39,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
-        raise CheckpointError(
-            f"checkpoint {path} is a folder; give the .ckpt file (e.g. {path / 'checkpoints' / 'best.ckpt'})"
-        )
+        raise CheckpointError(f"checkpoint {path} is a folder; give the .ckpt file (e.g. {path / BEST_CHECKPOINT})")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty")
     try:
@@ -204,9 +210,9 @@ def write_test_outputs(results: TestResults, report: dict[str, Any], out: Path) 
     from fmnist_lightning.plots import plot_confusion_matrix
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_predictions_csv(results, out / "predictions.csv")
-    plot_confusion_matrix(report["confusion_matrix"], out / "confusion_matrix.png")
+    (out / TEST_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    write_predictions_csv(results, out / PREDICTIONS)
+    plot_confusion_matrix(report["confusion_matrix"], out / CONFUSION_MATRIX)
 
 
 def pick_samples(results: TestResults, num: int) -> tuple[list[int], list[int]]:
@@ -227,11 +233,11 @@ def write_sample_grids(results: TestResults, num: int, out: Path) -> dict[str, l
 
     check_sample_count(num)
     picked = dict(zip(("correct", "incorrect"), pick_samples(results, num)))
-    for name, indices in picked.items():
+    for indices, file in zip(picked.values(), (CORRECT_SAMPLES, INCORRECT_SAMPLES)):
         titles = [
             f"Predicted {CLASS_NAMES[results.predicted[i]]}, Class {CLASS_NAMES[results.labels[i]]}" for i in indices
         ]
-        plot_image_grid(results.images[indices], titles, out / f"{name}.png")
+        plot_image_grid(results.images[indices], titles, out / file)
     return picked
 
 

@@ -16,12 +16,21 @@ import yaml
 
 from fmnist_lightning.config import PROVENANCE_KEY
 from fmnist_lightning.errors import FmnistError, UsageError
+from fmnist_lightning.run_files import (
+    BEST_CHECKPOINT,
+    CONFIG,
+    CONFUSION_MATRIX,
+    CORRECT_SAMPLES,
+    CURVES,
+    FIT_FILES,
+    HTML_REPORT,
+    INCORRECT_SAMPLES,
+    METRICS,
+    SAMPLE_FILES,
+    TEST_FILES,
+    TEST_REPORT,
+)
 from fmnist_lightning.training import read_metrics
-
-FIT_FILES = ("config.yaml", "metrics.csv", "curves.png")  # written by `fmnist fit`
-TEST_FILES = ("report.json", "confusion_matrix.png")  # written by `fmnist test`
-SAMPLE_FILES = ("correct.png", "incorrect.png")  # written by `fmnist predict-samples`
-REPORT_NAME = "report.html"
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; padding: 0 1rem; }
@@ -88,19 +97,19 @@ def _summary(metrics: list[dict[str, float]], report: dict[str, Any]) -> dict[st
 
 def render_report(run_dir: Path) -> str:
     """The report page as HTML text (raises FmnistError naming any missing input file)."""
-    if not (run_dir / "config.yaml").is_file():
-        raise UsageError(f"{run_dir} is not a run folder (no config.yaml); give a folder `fmnist fit` wrote")
+    if not (run_dir / CONFIG).is_file():
+        raise UsageError(f"{run_dir} is not a run folder (no {CONFIG}); give a folder `fmnist fit` wrote")
     missing = [name for name in (*FIT_FILES, *TEST_FILES, *SAMPLE_FILES) if not (run_dir / name).is_file()]
     if missing:
         raise FmnistError(
             f"{run_dir} lacks {', '.join(missing)}: `fmnist fit` writes {', '.join(FIT_FILES)}, `fmnist test` "
             f"{', '.join(TEST_FILES)} and `fmnist predict-samples` {', '.join(SAMPLE_FILES)} (`fmnist report` "
-            "runs the last two itself when checkpoints/best.ckpt exists)"
+            f"runs the last two itself when {BEST_CHECKPOINT} exists)"
         )
-    config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+    config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
     provenance = config.pop(PROVENANCE_KEY, None) or {}
-    report = json.loads((run_dir / "report.json").read_text(encoding="utf-8"))
-    metrics = read_metrics(run_dir / "metrics.csv")
+    report = json.loads((run_dir / TEST_REPORT).read_text(encoding="utf-8"))
+    metrics = read_metrics(run_dir / METRICS)
     title = f"Fashion-MNIST run {run_dir.resolve().name}"
     sections = [
         f"<h1>{html.escape(title)}</h1>",
@@ -114,15 +123,15 @@ def render_report(run_dir: Path) -> str:
         sections += ['<p class="muted">Ran with:</p>', _key_value_table(provenance, "provenance")]
     sections += [
         "<h2>Learning curves</h2>",
-        _image(run_dir / "curves.png", "Training and validation loss and accuracy per epoch"),
+        _image(run_dir / CURVES, "Training and validation loss and accuracy per epoch"),
         "<h2>Test set: classification report</h2>",
         _classification_table(report),
         "<h2>Confusion matrix</h2>",
-        _image(run_dir / "confusion_matrix.png", "Confusion matrix of the test set"),
+        _image(run_dir / CONFUSION_MATRIX, "Confusion matrix of the test set"),
         "<h2>Correctly classified test images</h2>",
-        _image(run_dir / "correct.png", "Correctly classified test images"),
+        _image(run_dir / CORRECT_SAMPLES, "Correctly classified test images"),
         "<h2>Incorrectly classified test images</h2>",
-        _image(run_dir / "incorrect.png", "Incorrectly classified test images"),
+        _image(run_dir / INCORRECT_SAMPLES, "Incorrectly classified test images"),
     ]
     body = "\n".join(sections)
     return (
@@ -134,6 +143,6 @@ def render_report(run_dir: Path) -> str:
 def write_report(run_dir: Path) -> Path:
     """Write RUN_DIR/report.html and return its path."""
     page = render_report(run_dir)
-    path = run_dir / REPORT_NAME
+    path = run_dir / HTML_REPORT
     path.write_text(page, encoding="utf-8")
     return path

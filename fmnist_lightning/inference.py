@@ -8,6 +8,7 @@ black while product photos show them on white.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import tempfile
 import warnings
@@ -29,6 +30,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder is searched for
 OBJECT_THRESHOLD = 24
 EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 EXPORT_EXTRA_HINT = "pip install 'fmnist-lightning[export]'"
+ONNX_EXPORTER = ("onnx", "onnxscript")  # what torch.onnx's exporter imports
+ONNX_ENGINE = (*ONNX_EXPORTER, "onnxruntime")  # export, then run: `--eval-engine onnxruntime`
 # Exported and PyTorch logits may differ by float rounding (other kernels, fused ops), not more.
 EXPORT_TOLERANCE = 1e-3
 CHECK_IMAGES = 1000  # test images the exported model is checked on
@@ -161,19 +164,19 @@ class ExportResult:
     checked_images: int
 
 
-def _require_onnx() -> None:
-    try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401  (the exporter torch.onnx uses)
-    except ImportError as exc:
-        raise FmnistError(
-            f"ONNX export needs the 'export' extra ({exc.name} is missing): {EXPORT_EXTRA_HINT}"
-        ) from None
+def missing_modules(names: Sequence[str]) -> list[str]:
+    """Which of these modules (parts of the 'export' extra) are not installed."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def require_modules(names: Sequence[str], purpose: str) -> None:
+    if missing := missing_modules(names):
+        raise FmnistError(f"{purpose} needs the 'export' extra ({', '.join(missing)} missing): {EXPORT_EXTRA_HINT}")
 
 
 def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path) -> None:
     """ONNX with input `images` (batch, 1, 28, 28) and output `logits` (batch, 10); any batch size."""
-    _require_onnx()
+    require_modules(ONNX_EXPORTER, "ONNX export")
     # The exporter's graph passes log each step at INFO, which the CLI shows: keep them to warnings.
     loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
     levels = [logger.level for logger in loggers]
@@ -239,11 +242,7 @@ class OnnxRuntimeNet(torch.nn.Module):
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
-        _require_onnx()
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            raise FmnistError(f"--eval-engine onnxruntime needs the 'export' extra: {EXPORT_EXTRA_HINT}") from None
+        require_modules(ONNX_ENGINE, "--eval-engine onnxruntime")
         with tempfile.TemporaryDirectory(prefix="fmnist-onnx-") as tmp:
             path = Path(tmp) / "net.onnx"
             export_onnx(net.cpu().eval(), torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE), path)

@@ -31,26 +31,22 @@ from fmnist_lightning.config import Settings, load_yaml, provenance, resolve_set
 from fmnist_lightning.data import Augment, FashionMNISTDataModule
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.model import FashionClassifier
+from fmnist_lightning.run_files import (
+    BEST_CHECKPOINT,
+    CHECKPOINT_DIR,
+    CONFIG,
+    CURVES,
+    LAST_CHECKPOINT,
+    METRICS,
+    RUN_FILES,
+    RUN_FOLDERS,
+    TENSORBOARD_DIR,
+)
 
 RUNS_ROOT = Path("runs")
 # Set by the process that prepared the run folder, so the processes Lightning's DDP launcher
 # starts from the same command line use that folder instead of numbering a new one.
 RUN_DIR_ENV = "FMNIST_RUN_DIR"
-# What fit, test, predict-samples and report write into a run; `--overwrite` removes these and nothing else.
-RUN_FILES = (
-    "config.yaml",
-    "metrics.csv",
-    "curves.png",
-    "checkpoints/best.ckpt",
-    "checkpoints/last.ckpt",
-    "report.json",
-    "predictions.csv",
-    "confusion_matrix.png",
-    "correct.png",
-    "incorrect.png",
-    "report.html",
-)
-RUN_FOLDERS = ("tensorboard",)
 METRIC_COLUMNS = (
     "epoch",
     "train/loss",
@@ -140,7 +136,7 @@ def hardware_for(s: Settings) -> Hardware:
 
 
 def _is_run(folder: Path) -> bool:
-    return (folder / "config.yaml").exists() or (folder / "checkpoints").exists()
+    return (folder / CONFIG).exists() or (folder / CHECKPOINT_DIR).exists()
 
 
 def next_run_dir(root: Path = RUNS_ROOT) -> Path:
@@ -163,8 +159,8 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
         raise UsageError("--resume and --overwrite contradict each other; choose one")
     if run_dir.exists() and not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a folder")
-    if resume and not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        raise UsageError(f"cannot resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist")
+    if resume and not (run_dir / LAST_CHECKPOINT).is_file():
+        raise UsageError(f"cannot resume: {run_dir / LAST_CHECKPOINT} does not exist")
     if not resume and not overwrite and _is_run(run_dir):
         raise UsageError(
             f"{run_dir} already holds a run; use --resume to continue it, --overwrite to replace it, "
@@ -375,10 +371,13 @@ class GracefulInterrupt(Callback):
             signal.signal(sig, handler)
         self._previous = {}
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    # Restored when training ends or fails: both come before Lightning's teardown puts back the
+    # handlers it found. (A callback's `teardown` comes after it, and would leave Lightning's
+    # SIGTERM handler of a finished Trainer installed: a later SIGTERM would be swallowed.)
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore()
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
 
 
@@ -424,7 +423,7 @@ def _logger(run_dir: Path) -> Any:
     try:
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="")
+        return TensorBoardLogger(save_dir=str(run_dir), name=TENSORBOARD_DIR, version="")
     except ModuleNotFoundError:
         return False
 
@@ -434,10 +433,10 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
     warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
     # Our data module restores the position inside the epoch itself (see its state_dict).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / CHECKPOINT_DIR
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
-        filename="best",
+        filename=Path(BEST_CHECKPOINT).stem,  # save_last adds last.ckpt beside it
         monitor="val/acc",
         mode="max",
         save_top_k=1,
@@ -447,9 +446,9 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
     )
     callbacks: list[Callback] = [
         checkpoint,
-        SaveConfig(run_dir / "config.yaml", s),
-        EpochMetricsCSV(run_dir / "metrics.csv"),
-        GracefulInterrupt(ckpt_dir / "last.ckpt"),
+        SaveConfig(run_dir / CONFIG, s),
+        EpochMetricsCSV(run_dir / METRICS),
+        GracefulInterrupt(run_dir / LAST_CHECKPOINT),
     ]
     if s.progress:
         callbacks.append(RichProgressBar(refresh_rate=10, leave=True))
@@ -506,8 +505,8 @@ def checkpoint_epoch(path: Path) -> int:
 
 def fit_settings(config: Path | None, overrides: dict[str, Any], out: Path | None, resume: bool) -> Settings:
     """Settings for `fit`: on --resume the run's own config.yaml is the base, unless --config is given."""
-    if resume and config is None and out is not None and (out / "config.yaml").is_file():
-        config = out / "config.yaml"
+    if resume and config is None and out is not None and (out / CONFIG).is_file():
+        config = out / CONFIG
     return resolve_settings(config, overrides)
 
 
@@ -557,7 +556,7 @@ def run_fit(
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
     with claimed_run_dir(out) as run_dir:
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = run_dir / LAST_CHECKPOINT
         if not is_rank_zero_process():  # rank 0 checked and prepared the folder
             return _train(s, hw, run_dir, last if resume else None, extra_callbacks)
         existed = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None
@@ -570,17 +569,17 @@ def run_fit(
             try:
                 return _train(s, hw, run_dir, last if resume else None, extra_callbacks)
             except BaseException:
-                if not resume and not (run_dir / "config.yaml").exists():
+                if not resume and not (run_dir / CONFIG).exists():
                     _remove_unstarted(run_dir, existed)
                 raise
 
 
 def _check_resumable(s: Settings, run_dir: Path) -> None:
-    last = run_dir / "checkpoints" / "last.ckpt"
+    last = run_dir / LAST_CHECKPOINT
     done = checkpoint_epoch(last)
     if s.max_epochs < done:
         raise UsageError(f"--max-epochs {s.max_epochs} is below the {done} epochs {last} already trained")
-    saved = run_dir / "config.yaml"
+    saved = run_dir / CONFIG
     planned = load_yaml(saved).get("max_epochs") if saved.is_file() else None
     if s.lr_schedule != "none" and planned is not None and planned != s.max_epochs:
         raise UsageError(
@@ -599,16 +598,16 @@ def _train(
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     wall = time.perf_counter() - start
-    rows = read_metrics(run_dir / "metrics.csv") if trainer.is_global_zero else []
+    rows = read_metrics(run_dir / METRICS) if trainer.is_global_zero else []
     best = max(rows, key=lambda r: r.get("val/acc", -1.0), default={})
     speeds = [r["images_per_s"] for r in rows if "images_per_s" in r]
     if trainer.is_global_zero and rows:
         from fmnist_lightning.plots import plot_curves
 
-        plot_curves(rows, run_dir / "curves.png")
+        plot_curves(rows, run_dir / CURVES)
     return FitResult(
         run_dir=run_dir,
-        best_checkpoint=run_dir / "checkpoints" / "best.ckpt",
+        best_checkpoint=run_dir / BEST_CHECKPOINT,
         best_epoch=int(best.get("epoch", 0)),
         best_val_acc=float(best.get("val/acc", float("nan"))),
         epochs=len(rows),

@@ -170,6 +170,18 @@ def test_fit_that_fails_before_training_leaves_no_trace(cli, tmp_path: Path, mon
     assert not any((tmp_path / "runs").iterdir())  # no empty numbered folder left behind
 
 
+def test_ctrl_c_before_training_starts_exits_130_and_leaves_no_trace(cli, tmp_path: Path, monkeypatch) -> None:
+    from fmnist_lightning import training
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C while the data loads
+
+    monkeypatch.setattr(training, "build_datamodule", interrupted)
+    code, out, err = cli("fit", "--offline", "--out", tmp_path / "new-run")
+    assert code == 130 and err.strip() == "interrupted: stopped by Ctrl-C" and "Traceback" not in out + err
+    assert not (tmp_path / "new-run").exists()
+
+
 def test_out_holding_another_run_is_refused(cli, existing_run) -> None:
     run, before = existing_run
     result = cli("fit", "--offline", "--out", run)

@@ -69,11 +69,15 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 def test_interrupted_and_resumed_run_equals_uninterrupted(
     real_data: None, settings: Settings, tmp_path: Path, epoch: int, batch: int, signum: int
 ) -> None:
+    def handlers() -> list[object]:  # SIGINT is SIG_IGN when the tests run as a background job
+        return [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
+
+    before = handlers()
     run_fit(settings, out=tmp_path / "straight")
-    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the tests run as a background job
+    assert handlers() == before  # restored after a finished fit: a later SIGTERM still stops the process
     with pytest.raises(TrainingInterrupted, match=f"Continue with: fmnist fit --out {tmp_path / 'cut'} --resume"):
         run_fit(settings, out=tmp_path / "cut", extra_callbacks=[SignalAt(epoch, batch, signum)])
-    assert signal.getsignal(signal.SIGINT) == before  # handlers restored
+    assert handlers() == before  # and after an interrupted one
     interrupted_rows = len(_metrics(tmp_path / "cut"))
     assert interrupted_rows == epoch
     run_fit(settings, out=tmp_path / "cut", resume=True)

@@ -289,7 +289,8 @@ def test_report_needs_a_run_folder(cli, tmp_path: Path) -> None:
 
 
 def test_report_remakes_outputs_older_than_the_checkpoint(tmp_path: Path) -> None:
-    from fmnist_lightning.html_report import TEST_FILES, needs_update
+    from fmnist_lightning.html_report import needs_update
+    from fmnist_lightning.run_files import TEST_FILES
 
     ckpt = tmp_path / "best.ckpt"
     ckpt.write_bytes(b"")
