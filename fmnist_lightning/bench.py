@@ -364,6 +364,8 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
         "results": {path: _summary([m[path] for m in rounds]) for path in cfg.paths},
         "ratios": {name: statistics.fmean(r[name] for r in per_round_ratios) for name in ratio_names},
         "ratios_std": {name: _std([r[name] for r in per_round_ratios]) for name in ratio_names},
+        # Robust to the rounds a neighbour on a shared machine slowed one path down.
+        "ratios_median": {name: statistics.median(r[name] for r in per_round_ratios) for name in ratio_names},
         "ratios_per_round": {name: [r[name] for r in per_round_ratios] for name in ratio_names},
         "rounds": [{"order": list(m), **{path: asdict(res) for path, res in m.items()}} for m in rounds],
     }

@@ -486,7 +486,10 @@ def _print_bench(result: dict[str, Any]) -> None:
     for name, ratio in result["ratios"].items():
         if rounds > 1:
             per_round = ", ".join(f"{x:.2f}" for x in result["ratios_per_round"][name])
-            console.print(f"{name}: {ratio:.2f}x +- {result['ratios_std'][name]:.2f} (rounds: {per_round})")
+            console.print(
+                f"{name}: {ratio:.2f}x +- {result['ratios_std'][name]:.2f}, median "
+                f"{result['ratios_median'][name]:.2f}x (rounds: {per_round})"
+            )
         else:
             console.print(f"{name}: {ratio:.2f}x")
 

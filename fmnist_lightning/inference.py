@@ -236,9 +236,10 @@ def session_logits(session: Any, images: torch.Tensor) -> torch.Tensor:
 
 class OnnxRuntimeNet(torch.nn.Module):
     """A network exported to ONNX and run by onnxruntime on the CPU, in place of the PyTorch
-    network for inference (`--eval-engine onnxruntime`). onnxruntime fuses each conv with its
-    ReLU and runs them in a blocked layout, which PyTorch's eager mode cannot do (`fmnist bench
-    --paths raw,fmnist-fast` measures what it gains on a machine)."""
+    network for inference (`--eval-engine onnxruntime`). onnxruntime runs the convolutions and
+    pools in a blocked memory layout (NCHWc) and fuses the dense layer with its ReLU, which
+    PyTorch's eager mode cannot do (`fmnist bench --paths raw,fmnist-fast` measures what it gains
+    on a machine)."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()

@@ -40,6 +40,7 @@ def test_benchmark_quick_writes_json_for_all_paths(real_data: None, tmp_path: Pa
     per_round = [r["fmnist"]["train_images_per_s"] / r["raw"]["train_images_per_s"] for r in data["rounds"]]
     assert data["ratios_per_round"]["fmnist/raw train"] == pytest.approx(per_round)
     assert data["ratios"]["fmnist/raw train"] == pytest.approx(sum(per_round) / 2)
+    assert data["ratios_median"]["fmnist/raw train"] == pytest.approx(sum(per_round) / 2)  # of two values
     assert data["ratios_std"]["fmnist/raw train"] >= 0 and data["results"]["raw"]["rounds"] == 2
     assert "fmnist/raw train" in result.stdout and "+-" in result.stdout
 
