@@ -18,6 +18,7 @@ high-water mark after each path (later paths can only report the same or more).
 from __future__ import annotations
 
 import contextlib
+import gc
 import platform
 import resource
 import statistics
@@ -353,6 +354,9 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 measured[path] = _bench_path(path, cfg, dm, device, workdir / f"round-{r + 1}")
+                # A finished Trainer and its data are reference cycles: free them now, not whenever
+                # the cyclic collector next runs, so later paths' peak memory does not include them.
+                gc.collect()
             rounds.append(measured)
     per_round_ratios = [_ratios(m) for m in rounds]
     ratio_names = per_round_ratios[0].keys()

@@ -1,6 +1,7 @@
 """Benchmark training and evaluation speed; the same as `fmnist bench` (see --help).
 
-Example (the README's table): python scripts/benchmark.py --json runs/bench-cpu.json
+The README's table:
+  python scripts/benchmark.py --paths raw,fmnist,typical,fmnist-fast --repeats 12 --steps 100 --json runs/bench.json
 """
 
 import sys
