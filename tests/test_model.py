@@ -58,6 +58,28 @@ def test_dropout_switch() -> None:
     assert with_dropout.state_dict().keys() == without.state_dict().keys()
 
 
+@pytest.mark.parametrize("p", [0.25, 0.3])
+def test_cpu_dropout_keeps_1_minus_p_scales_the_kept_and_is_identity_in_eval(p: float) -> None:
+    from fmnist_lightning.model import Dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(p)
+    x = torch.rand(400, 32, 14, 14).add_(0.5).requires_grad_()  # all positive: zero means dropped
+    y = drop(x)
+    kept = y != 0
+    # 2.5M draws: the kept fraction's standard error is about 0.0003
+    assert float(kept.float().mean()) == pytest.approx(1 - p, abs=0.002)
+    assert torch.allclose(y[kept], x[kept] / (1 - p))
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert torch.allclose(grad, kept.float() / (1 - p))  # gradient flows through the kept values only
+    # Channels_last stays channels_last (the layout the training step runs in).
+    assert drop(x.detach().contiguous(memory_format=torch.channels_last)).is_contiguous(
+        memory_format=torch.channels_last
+    )
+    drop.eval()
+    assert drop(x) is x
+
+
 @pytest.mark.parametrize("name", ["convnet-bn", "resnet"])
 def test_other_networks_produce_logits(name: str) -> None:
     net = build_network(name, True, 0.2, 0.2).eval()
