@@ -300,11 +300,11 @@ def _torchvision_copy(data_dir: str, root: Path) -> Path:
     return root
 
 
-def bench_typical(cfg: BenchConfig, workdir: Path) -> PathResult:
+def bench_typical(cfg: BenchConfig, workdir: Path, root: Path) -> PathResult:
+    """`root`: what `_torchvision_copy` made (once per benchmark, not per round)."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    root = _torchvision_copy(cfg.data_dir, workdir / "torchvision")
     train = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
     test = datasets.FashionMNIST(str(root), train=False, transform=transforms.ToTensor())
     L.seed_everything(cfg.seed, verbose=False)
@@ -346,6 +346,7 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
     rounds: list[dict[str, PathResult]] = []
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
         workdir = Path(tmp)
+        torchvision_root = _torchvision_copy(cfg.data_dir, workdir / "torchvision") if "typical" in cfg.paths else None
         for r in range(cfg.repeats):
             measured: dict[str, PathResult] = {}
             for path in round_order(cfg.paths, r):
@@ -353,7 +354,7 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
                     on_path(path if cfg.repeats == 1 else f"{path} (round {r + 1} of {cfg.repeats})")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                measured[path] = _bench_path(path, cfg, dm, device, workdir / f"round-{r + 1}")
+                measured[path] = _bench_path(path, cfg, dm, device, workdir / f"round-{r + 1}", torchvision_root)
                 # A finished Trainer and its data are reference cycles: free them now, not whenever
                 # the cyclic collector next runs, so later paths' peak memory does not include them.
                 gc.collect()
@@ -376,14 +377,20 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
 
 
 def _bench_path(
-    path: str, cfg: BenchConfig, dm: FashionMNISTDataModule, device: torch.device, workdir: Path
+    path: str,
+    cfg: BenchConfig,
+    dm: FashionMNISTDataModule,
+    device: torch.device,
+    workdir: Path,
+    torchvision_root: Path | None,
 ) -> PathResult:
     if path == "raw":
         return bench_raw(cfg, dm, device)
     if path == "fmnist":
         return bench_fmnist(cfg, workdir)
     if path == "typical":
-        return bench_typical(cfg, workdir)
+        assert torchvision_root is not None
+        return bench_typical(cfg, workdir, torchvision_root)
     return bench_fmnist(cfg, workdir, fast_settings(cfg.device), name="fmnist-fast")
 
 

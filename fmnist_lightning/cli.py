@@ -11,13 +11,14 @@ import enum
 import inspect
 import logging
 import sys
+import traceback
 import types
 import typing
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -68,12 +69,25 @@ def user_errors() -> Iterator[None]:
         err_console.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
-        # Ctrl-C outside the training loop (inside it, training saves a checkpoint and raises
-        # TrainingInterrupted). A fit that had not started has already removed its run folder.
-        if _debug:
-            raise
+        _stopped_by_ctrl_c()
+    except SystemExit as exc:
+        # Lightning turns a KeyboardInterrupt inside a Trainer call (data setup before training,
+        # `trainer.test`) into exit(1); it is still the user's Ctrl-C.
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            _stopped_by_ctrl_c()
+        raise
+
+
+def _stopped_by_ctrl_c() -> NoReturn:
+    """Ctrl-C outside the training loop (inside it, training saves a checkpoint and raises
+    TrainingInterrupted). A fit that had not started has already removed its run folder."""
+    from fmnist_lightning.training import is_rank_zero_process
+
+    if _debug:
+        traceback.print_exc()
+    if is_rank_zero_process():
         err_console.print("[bold yellow]interrupted:[/] stopped by Ctrl-C", highlight=False)
-        raise typer.Exit(TrainingInterrupted.exit_code) from None
+    raise typer.Exit(TrainingInterrupted.exit_code)
 
 
 def _option_for(f: Any) -> tuple[Any, Any]:
@@ -403,6 +417,8 @@ def bench(
         chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
         from fmnist_lightning.bench import PATHS, BenchConfig, run_benchmark
 
+        if not chosen:
+            raise UsageError(f"--paths names no path; choose from {', '.join(PATHS)}")
         if unknown := [p for p in chosen if p not in PATHS]:
             raise UsageError(f"unknown benchmark path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
         if device not in ("cpu", "cuda") or precision not in ("32-true", "bf16-mixed", "16-mixed"):
@@ -626,10 +642,10 @@ def report(
             write_sample_grids,
             write_test_outputs,
         )
-        from fmnist_lightning.html_report import needs_update, write_report
+        from fmnist_lightning.html_report import TEST_INPUTS, needs_update, write_report
 
         ckpt = run_dir / BEST_CHECKPOINT
-        stale_test = ckpt.is_file() and needs_update(run_dir, TEST_FILES, ckpt)
+        stale_test = ckpt.is_file() and needs_update(run_dir, TEST_INPUTS, ckpt)
         stale_samples = ckpt.is_file() and needs_update(run_dir, SAMPLE_FILES, ckpt)
         is_global_zero = True
         if stale_test or stale_samples:  # one pass over the test set serves both

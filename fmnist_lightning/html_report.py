@@ -27,10 +27,12 @@ from fmnist_lightning.run_files import (
     INCORRECT_SAMPLES,
     METRICS,
     SAMPLE_FILES,
-    TEST_FILES,
     TEST_REPORT,
 )
 from fmnist_lightning.training import read_metrics
+
+# What the page shows of `fmnist test`'s outputs (not predictions.csv).
+TEST_INPUTS = (TEST_REPORT, CONFUSION_MATRIX)
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; padding: 0 1rem; }
@@ -99,11 +101,11 @@ def render_report(run_dir: Path) -> str:
     """The report page as HTML text (raises FmnistError naming any missing input file)."""
     if not (run_dir / CONFIG).is_file():
         raise UsageError(f"{run_dir} is not a run folder (no {CONFIG}); give a folder `fmnist fit` wrote")
-    missing = [name for name in (*FIT_FILES, *TEST_FILES, *SAMPLE_FILES) if not (run_dir / name).is_file()]
+    missing = [name for name in (*FIT_FILES, *TEST_INPUTS, *SAMPLE_FILES) if not (run_dir / name).is_file()]
     if missing:
         raise FmnistError(
             f"{run_dir} lacks {', '.join(missing)}: `fmnist fit` writes {', '.join(FIT_FILES)}, `fmnist test` "
-            f"{', '.join(TEST_FILES)} and `fmnist predict-samples` {', '.join(SAMPLE_FILES)} (`fmnist report` "
+            f"{', '.join(TEST_INPUTS)} and `fmnist predict-samples` {', '.join(SAMPLE_FILES)} (`fmnist report` "
             f"runs the last two itself when {BEST_CHECKPOINT} exists)"
         )
     config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}

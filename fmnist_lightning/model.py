@@ -40,7 +40,7 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or x.device.type != "cpu" or not 0 < self.p < 1:
             return super().forward(x)
-        keep = torch.rand_like(x) >= self.p
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p  # float32 even under bf16 autocast
         return x.mul(keep).mul_(1.0 / (1.0 - self.p))
 
 

@@ -170,16 +170,27 @@ def test_fit_that_fails_before_training_leaves_no_trace(cli, tmp_path: Path, mon
     assert not any((tmp_path / "runs").iterdir())  # no empty numbered folder left behind
 
 
-def test_ctrl_c_before_training_starts_exits_130_and_leaves_no_trace(cli, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("where", ["before the Trainer", "inside the Trainer"])
+def test_ctrl_c_before_training_starts_exits_130_and_leaves_no_trace(
+    where: str, cli, tmp_path: Path, monkeypatch
+) -> None:
     from fmnist_lightning import training
+    from fmnist_lightning.data import FashionMNISTDataModule
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # as Ctrl-C while the data loads
 
-    monkeypatch.setattr(training, "build_datamodule", interrupted)
+    if where == "before the Trainer":
+        monkeypatch.setattr(training, "build_datamodule", interrupted)
+    else:  # Lightning catches it there and calls exit(1)
+        monkeypatch.setattr(FashionMNISTDataModule, "setup", interrupted)
     code, out, err = cli("fit", "--offline", "--out", tmp_path / "new-run")
     assert code == 130 and err.strip() == "interrupted: stopped by Ctrl-C" and "Traceback" not in out + err
     assert not (tmp_path / "new-run").exists()
+
+
+def test_bench_without_paths_is_refused(cli) -> None:
+    _assert_one_clear_line(*cli("bench", "--paths", ",")[::2], 2, "--paths names no path")
 
 
 def test_out_holding_another_run_is_refused(cli, existing_run) -> None:

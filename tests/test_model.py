@@ -76,6 +76,10 @@ def test_cpu_dropout_keeps_1_minus_p_scales_the_kept_and_is_identity_in_eval(p: 
     assert drop(x.detach().contiguous(memory_format=torch.channels_last)).is_contiguous(
         memory_format=torch.channels_last
     )
+    # Under bf16 autocast the values are bf16; the mask is still drawn in float32 (bf16 uniforms
+    # lie on a 1/256 grid, which would keep 0.698 instead of 0.7 at p=0.3).
+    kept_bf16 = drop(x.detach().bfloat16()) != 0
+    assert float(kept_bf16.float().mean()) == pytest.approx(1 - p, abs=0.001)
     drop.eval()
     assert drop(x) is x
 
