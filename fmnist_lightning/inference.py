@@ -211,7 +211,7 @@ def export_torchscript(model: FashionClassifier, sample: torch.Tensor, path: Pat
 
 
 def onnxruntime_session(path: Path) -> Any:
-    """An onnxruntime CPU session with PyTorch's thread count (ImportError when not installed)."""
+    """An onnxruntime CPU session with PyTorch's thread count."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -221,11 +221,9 @@ def onnxruntime_session(path: Path) -> Any:
 
 def onnx_logits(path: Path, images: torch.Tensor) -> torch.Tensor | None:
     """Run an exported ONNX file with onnxruntime; None when onnxruntime is not installed."""
-    try:
-        session = onnxruntime_session(path)
-    except ImportError:
+    if missing_modules(("onnxruntime",)):
         return None
-    return session_logits(session, images)
+    return session_logits(onnxruntime_session(path), images)
 
 
 def session_logits(session: Any, images: torch.Tensor) -> torch.Tensor:
