@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +34,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning.config import Settings, provenance
+from fmnist_lightning.config import TRAIN_IMAGES, BenchConfig, Settings, provenance
 from fmnist_lightning.data import FILES, FashionMNISTDataModule, locate, read_verified
+from fmnist_lightning.errors import UsageError
 from fmnist_lightning.evaluation import evaluation_engine
+from fmnist_lightning.hardware import Hardware, resolve_hardware
 from fmnist_lightning.inference import ONNX_ENGINE, missing_modules
 from fmnist_lightning.model import ConvNet, build_optimizer
-from fmnist_lightning.training import Hardware, build_datamodule, build_model, build_trainer, resolve_hardware
-
-PATHS = ("raw", "fmnist", "typical", "fmnist-fast")
-
-
-@dataclass
-class BenchConfig:
-    device: str = "cpu"
-    precision: str = "32-true"
-    batch_size: int = 128
-    eval_batch_size: int = 1000
-    channels_last: bool = False  # the baseline: raw PyTorch's default layout
-    compile: bool = False
-    warmup_steps: int = 20
-    steps: int = 400  # measured training steps per path, after the warm-up
-    paths: tuple[str, ...] = ("raw", "fmnist", "typical")
-    data_dir: str = "data"
-    seed: int = 0
-    repeats: int = 1  # rounds over all paths, in rotated order
+from fmnist_lightning.training import build_model, build_trainer
 
 
 @dataclass
@@ -164,7 +148,7 @@ def _result(speed: float, warmup_s: float, eval_speed: float, eval_batch_size: i
     return PathResult(
         train_images_per_s=speed,
         warmup_s=warmup_s,
-        epoch_s=warmup_s + 55000 / speed,
+        epoch_s=warmup_s + TRAIN_IMAGES / speed,
         eval_images_per_s=eval_speed,
         eval_batch_size=eval_batch_size,
         eval_setup_s=0.0,
@@ -224,7 +208,7 @@ def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, device: torch.device
 
 
 def _hardware(cfg: BenchConfig, precision: str) -> Hardware:
-    return resolve_hardware(accelerator="gpu" if cfg.device == "cuda" else "cpu", devices="1", precision=precision)
+    return resolve_hardware("gpu" if cfg.device == "cuda" else "cpu", devices="1", strategy="auto", precision=precision)
 
 
 def bench_fmnist(
@@ -240,15 +224,16 @@ def bench_fmnist(
         dropout=False,
         max_epochs=1,
         limit_train_batches=_total_steps(cfg),
-        limit_val_batches=0,
         data_dir=cfg.data_dir,
         offline=True,
         seed=cfg.seed,
     )
-    s = replace(s, **(overrides or {}))
+    # No validation: 0 is Lightning's "off", which `fit` refuses (its best checkpoint needs val/acc),
+    # so it is set past the settings' validation.
+    s = s.model_copy(update={"limit_val_batches": 0, **(overrides or {})})
     hw = _hardware(cfg, s.precision)
     L.seed_everything(cfg.seed, verbose=False)
-    dm = build_datamodule(s)
+    dm = FashionMNISTDataModule.from_settings(s)
     model = build_model(s, dm)
     timer = _StepTimer(cfg.warmup_steps)
     trainer = build_trainer(s, hw, workdir / name, extra_callbacks=[timer])
@@ -338,10 +323,8 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
     machine, as a dict: per-round results, means +- std per path, and ratios within each round."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        from fmnist_lightning.errors import UsageError
-
         raise UsageError("--device cuda asked for, but no GPU is visible")
-    dm = FashionMNISTDataModule(data_dir=cfg.data_dir, offline=True)
+    dm = FashionMNISTDataModule.from_settings(Settings(data_dir=cfg.data_dir, offline=True))
     dm.setup()
     rounds: list[dict[str, PathResult]] = []
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
@@ -362,7 +345,7 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
     per_round_ratios = [_ratios(m) for m in rounds]
     ratio_names = per_round_ratios[0].keys()
     return {
-        "config": asdict(cfg),
+        "config": cfg.model_dump(),
         "machine": _machine(device),
         "versions": provenance(),
         "date": time.strftime("%Y-%m-%d"),
@@ -450,7 +433,7 @@ def bench_data(data_dir: str = "data", batch_size: int = 128) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    dm = FashionMNISTDataModule(data_dir=data_dir, offline=True, batch_size=batch_size)
+    dm = FashionMNISTDataModule.from_settings(Settings(data_dir=data_dir, offline=True, batch_size=batch_size))
     dm.setup()
     rates = {}
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-data-") as tmp:

@@ -1,37 +1,38 @@
 """The `fmnist` command line: thin Typer commands over the library.
 
-Options of `fit` and `compare` are generated from the fields of `config.Settings` (name, type,
-default, help), so the YAML keys, the CLI options and `config.yaml` never drift apart. torch and
-lightning are imported inside the commands: `fmnist --help` stays fast.
+Each command parses its options, calls one library function and renders the result. The options
+of `fit`, `compare`, `bench` and the rest are generated from the fields of the settings models
+(`config.Settings`, `config.BenchConfig`: name, type, default, constraints, help), so YAML keys,
+CLI options and `config.yaml` never drift apart. An option counts as given when Click says it came
+from the command line (`ctx.get_parameter_source`); only those override the config file.
+
+torch and lightning are imported inside the commands: `fmnist --help` stays fast.
 """
 
 from __future__ import annotations
 
-import enum
+import functools
 import inspect
+import json
 import logging
+import os
 import sys
 import traceback
-import types
 import typing
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
-from fmnist_lightning import __version__
-from fmnist_lightning.config import Settings, resolve_settings, setting_fields
-from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
-from fmnist_lightning.run_files import BEST_CHECKPOINT, CHECKPOINT_DIR, SAMPLE_FILES, TEST_FILES
+from fmnist_lightning import __version__, render
+from fmnist_lightning.config import BenchConfig, Settings, StrictModel, from_options, option_name, resolve_settings
+from fmnist_lightning.errors import FmnistError, TrainingInterrupted
+from fmnist_lightning.hardware import is_global_zero
+from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for
 
-console = Console()
-err_console = Console(stderr=True)
 app = typer.Typer(
     name="fmnist",
     help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, test, predict-samples, compare, "
@@ -44,12 +45,11 @@ app = typer.Typer(
 HARDWARE = ("accelerator", "devices", "strategy", "num_nodes", "precision", "gpus")
 DATA = ("data_dir", "offline")
 EVALUATION = ("eval_batch_size", "eval_engine")
-DEFAULT_PATHS = "raw,fmnist,typical"
 _debug = False  # set by --debug on the root command: show tracebacks instead of one-line errors
 
 
 # ---------------------------------------------------------------------------------------------
-# Plumbing: errors as one line, options generated from Settings
+# Plumbing: errors as one line, options generated from the settings models
 
 
 @contextmanager
@@ -61,12 +61,8 @@ def user_errors() -> Iterator[None]:
     except FmnistError as exc:
         if _debug:
             raise
-        from fmnist_lightning.training import is_rank_zero_process
-
-        if not is_rank_zero_process():  # under DDP every process fails alike; one message is enough
-            raise typer.Exit(exc.exit_code) from None
-        label = "[bold yellow]interrupted:[/]" if isinstance(exc, TrainingInterrupted) else "[bold red]error:[/]"
-        err_console.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)
+        if is_global_zero():  # under DDP every process fails alike; one message is enough
+            render.problem("interrupted" if isinstance(exc, TrainingInterrupted) else "error", str(exc))
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         _stopped_by_ctrl_c()
@@ -81,69 +77,58 @@ def user_errors() -> Iterator[None]:
 def _stopped_by_ctrl_c() -> NoReturn:
     """Ctrl-C outside the training loop (inside it, training saves a checkpoint and raises
     TrainingInterrupted). A fit that had not started has already removed its run folder."""
-    from fmnist_lightning.training import is_rank_zero_process
-
     if _debug:
         traceback.print_exc()
-    if is_rank_zero_process():
-        err_console.print("[bold yellow]interrupted:[/] stopped by Ctrl-C", highlight=False)
+    if is_global_zero():
+        render.problem("interrupted", "stopped by Ctrl-C")
     raise typer.Exit(TrainingInterrupted.exit_code)
 
 
-def _option_for(f: Any) -> tuple[Any, Any]:
-    """(annotation, typer.Option) for one Settings field; None as default = 'not given'."""
-    kind = f.type
-    if isinstance(kind, types.UnionType):  # `int | None`
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    name = f.name.replace("_", "-")
-    choices = f.metadata["choices"]
-    default = f.default
+def _option(name: str, info: Any) -> inspect.Parameter:
+    """A keyword parameter whose default is the typer.Option for one model field."""
+    kind = info.annotation
+    args = typing.get_args(kind)
+    decls = [option_name(name)]
+    default = info.default
     if kind is bool:
-        decls = [f"--{name}/--no-{name}"]
-        shown: Any = name if default else f"no-{name}"
-    else:
-        decls = [f"--{name}"]
-        shown = default if default is not None else "not set"
-    if f.name.startswith("limit_"):
-        kind = str  # Lightning's meaning: "10" is a count, "0.5" a fraction
-    if choices:  # Typer shows and checks the allowed values of an Enum
-        kind = enum.Enum(f.name, [(c, c) for c in choices], type=str)  # type: ignore[misc,no-redef]
-    option = typer.Option(None, *decls, help=f.metadata["help"], show_default=str(shown))
-    return Optional[kind], option
+        decls = [f"{option_name(name)}/--no-{option_name(name)[2:]}"]
+    elif typing.get_origin(kind) is tuple:  # a comma-separated list on the command line
+        kind, default = str, ",".join(default)
+    elif int in args and float in args:  # Lightning's limits: "10" is a count, "0.5" a fraction
+        kind, default = str, str(default)
+    elif type(None) in args:  # `int | None`: not set unless given
+        kind = Optional[next(a for a in args if a is not type(None))]
+    option = typer.Option(default, *decls, help=info.description, show_default=default is not None or "not set")
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
 
 
-def _params(names: typing.Iterable[str]) -> list[inspect.Parameter]:
-    by_name = {f.name: f for f in setting_fields()}
-    params = []
-    for name in names:
-        annotation, option = _option_for(by_name[name])
-        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
-    return params
+def _from_command_line(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
-def with_settings(names: typing.Iterable[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add the named Settings fields as options; the command receives them as `settings` (given ones only)."""
+def with_options(model: type[StrictModel], names: Iterable[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the named fields of `model` as options. The command receives the ones given on the
+    command line as a dict, `given`; its own parameters are left as they are."""
     names = list(names)
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(fn, include_extras=True)  # resolved, keeping Annotated options
         own = [
-            p.replace(annotation=hints[p.name])
-            for p in inspect.signature(fn).parameters.values()
-            if p.name != "settings"
+            p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values() if p.name != "given"
         ]
+        context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
 
-        def command(**kwargs: Any) -> Any:
-            given = {k: getattr(v, "value", v) for k in names if (v := kwargs.get(k)) is not None}
-            for k in names:
-                kwargs.pop(k, None)
-            return fn(settings=given, **kwargs)
+        @functools.wraps(fn)
+        def command(ctx: typer.Context, **kwargs: Any) -> Any:
+            given = {n: kwargs[n] for n in names if _from_command_line(ctx, n)}
+            for n in names:
+                kwargs.pop(n, None)
+            return fn(given=given, **kwargs)
 
-        params = own + _params(names)
+        params = [context, *own, *(_option(n, model.model_fields[n]) for n in names)]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
-        command.__doc__ = fn.__doc__
-        command.__name__ = fn.__name__
         return command
 
     return decorate
@@ -151,7 +136,7 @@ def with_settings(names: typing.Iterable[str]) -> Callable[[Callable[..., Any]],
 
 def _version(value: bool) -> None:
     if value:
-        console.print(f"fmnist-lightning {__version__}")
+        render.console.print(f"fmnist-lightning {__version__}")
         raise typer.Exit()
 
 
@@ -180,21 +165,18 @@ def quiet_lightning() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
         # A torch/Lightning version mismatch warning that tells a user nothing actionable.
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+        if "SLURM_JOB_ID" not in os.environ:
+            # Lightning's "srun is available but not used" hint can only help inside a SLURM
+            # allocation; on a login node or a workstation with SLURM installed it is noise.
+            warnings.filterwarnings("ignore", message="The `srun` command is available on your system")
 
 
 OutOption = Annotated[
     Optional[Path], typer.Option("--out", help="Output folder. Default: the checkpoint's run folder.")
 ]
 CkptOption = Annotated[Path, typer.Option("--ckpt", help="Checkpoint file, e.g. runs/001/checkpoints/best.ckpt.")]
-
-
-def _settings(given: dict[str, Any]) -> Settings:
-    return resolve_settings(None, given)
-
-
-def _default_out_for(ckpt: Path) -> Path:
-    """Reports go next to the run that produced the checkpoint (runs/001 for runs/001/checkpoints/best.ckpt)."""
-    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
+ConfigOption = Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")]
+ALL_SETTINGS = tuple(Settings.model_fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,47 +184,26 @@ def _default_out_for(ckpt: Path) -> Path:
 
 
 @app.command()
-@with_settings((*DATA, "val_size"))
+@with_options(Settings, (*DATA, "val_size"))
 def data(
-    settings: dict[str, Any], out: Annotated[Path, typer.Option(help="Where to write samples.png.")] = Path("runs/data")
+    given: dict[str, Any],
+    out: Annotated[Path, typer.Option(help="Where to write samples.png.")] = Path("runs/data"),
 ) -> None:
     """Analyse the data: split shapes, pixel range, images per class, and a grid of samples."""
     with user_errors():
-        s = _settings(settings)
-        from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, first_of_each_class, summarize
-        from fmnist_lightning.evaluation import check_output_dir
-        from fmnist_lightning.plots import plot_image_grid
+        from fmnist_lightning.data import CLASS_NAMES
+        from fmnist_lightning.evaluation import analyse_data
 
-        check_output_dir(out)
-        dm = FashionMNISTDataModule(data_dir=s.data_dir, offline=s.offline, val_size=s.val_size)
-        dm.setup()
-        summary = summarize(dm)
-        table = Table(title=f"Fashion-MNIST ({dm.source})")
-        for column in ("split", "images", "labels (one-hot)", "pixel min", "pixel max"):
-            table.add_column(column, justify="right")
-        for split, row in summary.items():
-            table.add_row(
-                split, str(row.images_shape), str(row.targets_shape), f"{row.pixel_min:.1f}", f"{row.pixel_max:.1f}"
-            )
-        counts = Table(title="Images per class")
-        counts.add_column("class")
-        for split in summary:
-            counts.add_column(split, justify="right")
-        for i, name in enumerate(CLASS_NAMES):
-            counts.add_row(name, *(str(row.per_class[i]) for row in summary.values()))
-        console.print(table)
-        console.print(counts)
-        images, labels = dm.split("train")
-        first = first_of_each_class(labels)
-        plot_image_grid(images[first], [CLASS_NAMES[labels[i]] for i in first], out / "samples.png")
-        console.print(f"wrote {out / 'samples.png'}")
+        analysis = analyse_data(resolve_settings(None, given), out)
+        render.data_summary(analysis.source, analysis.summary, CLASS_NAMES)
+        render.wrote(analysis.samples_png)
 
 
 @app.command()
-@with_settings(f.name for f in setting_fields())
+@with_options(Settings, ALL_SETTINGS)
 def fit(
-    settings: dict[str, Any],
-    config: Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")] = None,
+    given: dict[str, Any],
+    config: ConfigOption = None,
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: a new numbered folder under runs/.")] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --out from its last checkpoint.")
@@ -258,105 +219,57 @@ def fit(
     with user_errors():
         from fmnist_lightning.training import fit_settings, run_fit
 
-        s = fit_settings(config, settings, out, resume)
+        s = fit_settings(config, given, out, resume)
         result = run_fit(s, out=out, resume=resume, overwrite=overwrite)
         if result.is_global_zero:
-            _print_fit_summary(result)
+            render.fit_summary(result)
         if test:  # every rank: under DDP the test is distributed too
             _test(result.best_checkpoint, s, result.run_dir)
 
 
-def _print_fit_summary(result: Any) -> None:
-    table = Table(title=f"Run {result.run_dir}", show_header=False)
-    table.add_row("best epoch", f"{result.best_epoch} of {result.epochs}")
-    table.add_row("best val accuracy", f"{result.best_val_acc:.4f}")
-    table.add_row("best checkpoint", str(result.best_checkpoint))
-    table.add_row("wall time", f"{result.wall_time_s:.1f} s")
-    table.add_row("training speed", f"{result.images_per_s:,.0f} images/s")
-    table.add_row("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MB")
-    console.print(table)
-
-
 @app.command()
-@with_settings((*HARDWARE, *DATA, *EVALUATION))
-def test(settings: dict[str, Any], ckpt: CkptOption, out: OutOption = None) -> None:
+@with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
+def test(given: dict[str, Any], ckpt: CkptOption, out: OutOption = None) -> None:
     """Evaluate a checkpoint on the 10,000 test images: loss, accuracy, classification report."""
     with user_errors():
-        s = _settings(settings)
-        _test(ckpt, s, out or _default_out_for(ckpt))
+        _test(ckpt, resolve_settings(None, given), out or default_out_for(ckpt))
 
 
 def _test(ckpt: Path, s: Settings, out: Path) -> None:
-    from fmnist_lightning.evaluation import check_output_dir, run_test
+    from fmnist_lightning.data import CLASS_NAMES
+    from fmnist_lightning.evaluation import run_test
+    from fmnist_lightning.runs import check_output_dir
 
     check_output_dir(out)
     _, report = run_test(ckpt, s, out)
-    if report is None:
-        return
-    _print_report(report)
-    console.print(f"wrote {', '.join(str(out / name) for name in TEST_FILES)}")
-
-
-def _print_report(report: dict[str, Any]) -> None:
-    console.print(
-        f"test loss {report['loss']:.4f}   test accuracy {report['accuracy']:.4f}   ({report['num_samples']} images)"
-    )
-    table = Table(title="Classification report")
-    for column in ("", "precision", "recall", "f1-score", "support"):
-        table.add_column(column, justify="right")
-    for name, row in report["per_class"].items():
-        table.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
-    table.add_section()
-    table.add_row("accuracy", "", "", f"{report['accuracy']:.4f}", str(report["num_samples"]))
-    for key, label in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
-        row = report[key]
-        table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
-    console.print(table)
-    from fmnist_lightning.data import CLASS_NAMES
-
-    confusion = Table(title="Confusion matrix (rows: true class, columns: predicted)")
-    confusion.add_column("")
-    for i in range(len(CLASS_NAMES)):
-        confusion.add_column(str(i), justify="right")
-    for i, (name, row) in enumerate(zip(CLASS_NAMES, report["confusion_matrix"])):
-        confusion.add_row(f"{i} {name}", *(str(v) for v in row))
-    console.print(confusion)
+    if report is not None:
+        render.test_report(report, CLASS_NAMES)
+        render.wrote(*(out / name for name in TEST_FILES))
 
 
 @app.command("predict-samples")
-@with_settings((*HARDWARE, *DATA, *EVALUATION))
+@with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
 def predict_samples(
-    settings: dict[str, Any],
+    given: dict[str, Any],
     ckpt: CkptOption,
     num: Annotated[int, typer.Option(help="How many correct and how many incorrect images to show (1-100).")] = 9,
     out: OutOption = None,
 ) -> None:
     """Show correctly and incorrectly classified test images (correct.png, incorrect.png)."""
     with user_errors():
-        from fmnist_lightning.evaluation import check_output_dir, check_sample_count, evaluate_with, write_sample_grids
+        from fmnist_lightning.evaluation import predict_samples as run_predict_samples
 
-        check_sample_count(num)  # before the evaluation, so a bad --num fails at once
-        s = _settings(settings)
-        out = out or _default_out_for(ckpt)
-        check_output_dir(out)
-        results = evaluate_with(ckpt, s)
-        if results.is_global_zero:
-            _print_samples(write_sample_grids(results, num, out), num, out)
-
-
-def _print_samples(picked: dict[str, list[int]], num: int, out: Path) -> None:
-    for name, indices in picked.items():
-        console.print(f"{name} ({len(indices)}): {indices}")
-        if len(indices) < num:
-            console.print(f"  only {len(indices)} {name} predictions exist")
-    console.print(f"wrote {' and '.join(str(out / name) for name in SAMPLE_FILES)}")
+        out = out or default_out_for(ckpt)
+        picked = run_predict_samples(ckpt, resolve_settings(None, given), num, out)
+        if picked is not None:
+            render.samples(picked, num, [out / name for name in SAMPLE_FILES])
 
 
 @app.command()
-@with_settings(f.name for f in setting_fields() if f.name != "dropout")
+@with_options(Settings, tuple(n for n in ALL_SETTINGS if n != "dropout"))
 def compare(
-    settings: dict[str, Any],
-    config: Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")] = None,
+    given: dict[str, Any],
+    config: ConfigOption = None,
     out: Annotated[
         Optional[Path], typer.Option(help="Folder for both runs. Default: a new numbered folder under runs/.")
     ] = None,
@@ -365,155 +278,39 @@ def compare(
     with user_errors():
         from fmnist_lightning.compare import run_compare
 
-        rows = run_compare(resolve_settings(config, settings), out)
-        if rows is None:
-            return
-        table = Table(title="Dropout vs no dropout")
-        for column in ("model", "test acc", "test loss", "best epoch", "train-val acc gap (last epoch)"):
-            table.add_column(column, justify="right")
-        for row in rows:
-            table.add_row(
-                row["model"],
-                f"{row['test_acc']:.4f}",
-                f"{row['test_loss']:.4f}",
-                str(row["best_epoch"]),
-                f"{row['gap']:+.4f}",
-            )
-        console.print(table)
+        rows = run_compare(resolve_settings(config, given), out)
+        if rows is not None:
+            render.compare(rows)
 
 
 @app.command()
-@with_settings(("data_dir",))
+@with_options(BenchConfig, BenchConfig.model_fields)
 def bench(
-    settings: dict[str, Any],
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="32-true, bf16-mixed or 16-mixed (GPU).")] = "32-true",
-    batch_size: Annotated[int, typer.Option(help="Training batch size (all paths).")] = 128,
-    eval_batch_size: Annotated[int, typer.Option(help="Evaluation batch size (all paths but fmnist-fast).")] = 1000,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="channels_last memory format.")] = False,
-    compile: Annotated[
-        bool, typer.Option("--compile", help="torch.compile the network (compile time is warm-up).")
-    ] = False,
-    steps: Annotated[Optional[int], typer.Option(help="Measured training steps per path.", show_default="400")] = None,
-    epochs: Annotated[
-        float, typer.Option(help="Measure this many 55k epochs instead of --steps (0: use --steps).")
-    ] = 0,
-    warmup_steps: Annotated[Optional[int], typer.Option(help="Steps timed apart first.", show_default="20")] = None,
-    paths: Annotated[str, typer.Option(help="Comma-separated: raw, fmnist, typical, fmnist-fast.")] = DEFAULT_PATHS,
-    quick: Annotated[bool, typer.Option("--quick", help="Defaults of 40 steps after 5: well under 3 minutes.")] = False,
-    repeats: Annotated[
-        int,
-        typer.Option(
-            help="Rounds over all paths, each in a rotated order; speeds and ratios are reported as "
-            "mean +- std over the rounds (ratios are taken within each round)."
-        ),
-    ] = 1,
+    given: dict[str, Any],
     json_path: Annotated[
         Optional[Path], typer.Option("--json", help="Also write all results to this JSON file.")
     ] = None,
 ) -> None:
     """Benchmark training and evaluation speed: raw PyTorch vs fmnist vs a typical tutorial pipeline."""
     with user_errors():
-        chosen = tuple(p.strip() for p in paths.split(",") if p.strip())
-        from fmnist_lightning.bench import PATHS, BenchConfig, run_benchmark
+        cfg = from_options(BenchConfig, given)
+        from fmnist_lightning.bench import run_benchmark
+        from fmnist_lightning.runs import check_output_dir
 
-        if not chosen:
-            raise UsageError(f"--paths names no path; choose from {', '.join(PATHS)}")
-        if unknown := [p for p in chosen if p not in PATHS]:
-            raise UsageError(f"unknown benchmark path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
-        if device not in ("cpu", "cuda") or precision not in ("32-true", "bf16-mixed", "16-mixed"):
-            raise UsageError("--device must be cpu or cuda; --precision 32-true, bf16-mixed or 16-mixed")
         if json_path is not None:
-            from fmnist_lightning.evaluation import check_output_dir
-
             check_output_dir(json_path.parent)
-        warmup_steps = warmup_steps if warmup_steps is not None else (5 if quick else 20)
-        steps = steps if steps is not None else (40 if quick else 400)
-        if epochs:
-            steps = round(epochs * 55000 / batch_size) - warmup_steps
-        if min(batch_size, eval_batch_size, steps, repeats) < 1 or warmup_steps < 0 or epochs < 0:
-            raise UsageError(
-                "batch sizes, --steps and --repeats must be at least 1, --warmup-steps and --epochs at least 0"
-            )
-        cfg = BenchConfig(
-            device=device,
-            precision=precision,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            channels_last=channels_last,
-            compile=compile,
-            warmup_steps=warmup_steps,
-            steps=steps,
-            paths=chosen,
-            data_dir=_settings(settings).data_dir,
-            repeats=repeats,
-        )
-        result = run_benchmark(cfg, on_path=lambda p: err_console.print(f"[bold]benchmarking {p}...[/]"))
-        _print_bench(result)
+        result = run_benchmark(cfg, on_path=lambda p: render.err_console.print(f"[bold]benchmarking {p}...[/]"))
+        render.bench(result)
         if json_path:
-            import json
-
             json_path.parent.mkdir(parents=True, exist_ok=True)
             json_path.write_text(json.dumps(result, indent=2) + "\n")
-            console.print(f"wrote {json_path}")
-
-
-def _print_bench(result: dict[str, Any]) -> None:
-    cfg, machine = result["config"], result["machine"]
-    rounds = cfg["repeats"]
-    title = (
-        f"{cfg['device']} ({machine.get('gpu') or machine['cpu']}, {machine['cpu_threads']} threads), "
-        f"{cfg['precision']}, batch {cfg['batch_size']}, {cfg['steps']} steps after {cfg['warmup_steps']} warm-up"
-        f"{f', mean +- std of {rounds} rounds' if rounds > 1 else ''}; "
-        f"torch {result['versions']['torch']}, lightning {result['versions']['lightning']}"
-    )
-    table = Table(title=title)
-    columns = (
-        "path",
-        "train img/s",
-        "warm-up s",
-        "epoch s",
-        "eval img/s",
-        "eval batch",
-        "eval engine",
-        "peak RSS MB",
-        "CUDA MB",
-    )
-    for column in columns:
-        table.add_column(column, justify="right")
-
-    def spread(mean: float, std: float) -> str:
-        return f"{mean:,.0f}" + (f" +- {std:,.0f}" if rounds > 1 else "")
-
-    for name, r in result["results"].items():
-        cuda = r["cuda_max_allocated_mb"]
-        table.add_row(
-            name,
-            spread(r["train_images_per_s"], r["train_images_per_s_std"]),
-            f"{r['warmup_s']:.1f}",
-            f"{r['epoch_s']:.1f}",
-            spread(r["eval_images_per_s"], r["eval_images_per_s_std"]),
-            str(r["eval_batch_size"]),
-            r["settings"].get("eval_engine", "torch"),
-            f"{r['peak_rss_mb']:,.0f}",
-            "-" if cuda is None else f"{cuda:,.0f}",
-        )
-    console.print(table)
-    for name, ratio in result["ratios"].items():
-        if rounds > 1:
-            per_round = ", ".join(f"{x:.2f}" for x in result["ratios_per_round"][name])
-            console.print(
-                f"{name}: {ratio:.2f}x +- {result['ratios_std'][name]:.2f}, median "
-                f"{result['ratios_median'][name]:.2f}x (rounds: {per_round})"
-            )
-        else:
-            console.print(f"{name}: {ratio:.2f}x")
+            render.wrote(json_path)
 
 
 @app.command()
-@with_settings(("accelerator", "eval_batch_size"))
+@with_options(Settings, ("accelerator", "eval_batch_size"))
 def predict(
-    settings: dict[str, Any],
+    given: dict[str, Any],
     ckpt: CkptOption,
     images: Annotated[
         list[Path],
@@ -536,47 +333,27 @@ def predict(
     Unreadable files are reported one line each; the exit code is then 1.
     """
     with user_errors():
-        s = _settings(settings)
-        import json
+        from fmnist_lightning.inference import classify
 
-        import torch
-
-        from fmnist_lightning.evaluation import load_classifier
-        from fmnist_lightning.inference import Prediction, image_paths, predict_images
-        from fmnist_lightning.training import hardware_for
-
-        device = torch.device("cuda" if hardware_for(s).on_gpu else "cpu")
-        model = load_classifier(ckpt)
-        paths, problems = image_paths(images)
-        predictions = []
-        for outcome in predict_images(model, paths, device, s.eval_batch_size, invert):
-            if isinstance(outcome, Prediction):
-                predictions.append(outcome)
-            else:
-                problems.append(outcome)
+        predictions, problems = classify(ckpt, images, resolve_settings(None, given), invert)
         for problem in problems:
-            err_console.print(f"[bold red]error:[/] {escape(str(problem))}", highlight=False, soft_wrap=True)
+            render.problem("error", str(problem))
+        rows = [(str(p.path), p.top(3)) for p in predictions]
         if as_json:
-            rows = [
-                {"file": str(p.path), "top3": [{"class": c, "probability": round(v, 6)} for c, v in p.top(3)]}
-                for p in predictions
+            listed = [
+                {"file": f, "top3": [{"class": c, "probability": round(v, 6)} for c, v in top]} for f, top in rows
             ]
-            typer.echo(json.dumps(rows, indent=2))
-        elif predictions:
-            table = Table(title="Predictions (top 3 classes with probability)")
-            for column in ("file", "1st", "2nd", "3rd"):
-                table.add_column(column)
-            for p in predictions:
-                table.add_row(escape(str(p.path)), *(f"{c} {v:.4f}" for c, v in p.top(3)))
-            console.print(table)
+            typer.echo(json.dumps(listed, indent=2))
+        elif rows:
+            render.predictions(rows)
         if problems:
             raise typer.Exit(1)
 
 
 @app.command()
-@with_settings(DATA)
+@with_options(Settings, DATA)
 def export(
-    settings: dict[str, Any],
+    given: dict[str, Any],
     ckpt: CkptOption,
     fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.", show_default=False)],
     out: Annotated[
@@ -591,42 +368,16 @@ def export(
     1000 test images; the command fails if they disagree.
     """
     with user_errors():
-        s = _settings(settings)
-        from fmnist_lightning.data import FashionMNISTDataModule
-        from fmnist_lightning.evaluation import load_classifier
-        from fmnist_lightning.inference import (
-            CHECK_IMAGES,
-            EXPORT_EXTRA_HINT,
-            EXPORT_FORMATS,
-            EXPORT_TOLERANCE,
-            export_model,
-        )
+        from fmnist_lightning.inference import EXPORT_EXTRA_HINT, EXPORT_TOLERANCE, export_checkpoint
 
-        if fmt not in EXPORT_FORMATS:
-            raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
-        path = out or _default_out_for(ckpt) / EXPORT_FORMATS[fmt]
-        if path.is_dir():
-            raise UsageError(f"--out {path} is a folder; give the file to write, e.g. {path / EXPORT_FORMATS[fmt]}")
-        model = load_classifier(ckpt)
-        test_images = FashionMNISTDataModule(s.data_dir, offline=s.offline).split("test")[0][:CHECK_IMAGES]
-        result = export_model(model, fmt, path, test_images.unsqueeze(1).float() / 255.0)
-        # ONNX tensors have names; a TorchScript module takes and returns plain tensors.
-        input_name, output_name = (" 'images'", " 'logits'") if fmt == "onnx" else ("", "")
-        console.print(f"wrote {escape(str(path))} ({fmt}, {path.stat().st_size / 1e6:.1f} MB)")
-        console.print(f"  input{input_name}: float (batch, 1, 28, 28) in [0, 1], any batch size")
-        console.print(f"  output{output_name}: float (batch, 10), the logits; softmax gives the class probabilities")
-        if result.max_abs_diff is None:
-            console.print(f"[yellow]not checked[/]: {result.runtime} is not installed ({escape(EXPORT_EXTRA_HINT)})")
-        else:
-            n = result.checked_images
-            console.print(f"checked against PyTorch with {result.runtime} on {n} test images (batches of 1 and {n}):")
-            console.print(f"  max |logit difference| {result.max_abs_diff:.2e} (tolerance {EXPORT_TOLERANCE:g})")
+        result = export_checkpoint(ckpt, fmt, out, resolve_settings(None, given))
+        render.export_summary(result.path, fmt, result, EXPORT_EXTRA_HINT, EXPORT_TOLERANCE)
 
 
 @app.command()
-@with_settings((*HARDWARE, *DATA, *EVALUATION))
+@with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
 def report(
-    settings: dict[str, Any],
+    given: dict[str, Any],
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder, e.g. runs/001.", show_default=False)],
 ) -> None:
     """Write RUN_DIR/report.html: settings, learning curves, test report, confusion matrix, sample images.
@@ -634,32 +385,17 @@ def report(
     Runs `test` and `predict-samples` first when their files are missing or older than the checkpoint.
     """
     with user_errors():
-        if not run_dir.is_dir():
-            raise UsageError(f"run folder {run_dir} does not exist or is not a folder")
-        from fmnist_lightning.evaluation import (
-            classification_report,
-            evaluate_with,
-            write_sample_grids,
-            write_test_outputs,
-        )
-        from fmnist_lightning.html_report import TEST_INPUTS, needs_update, write_report
+        from fmnist_lightning.data import CLASS_NAMES
+        from fmnist_lightning.evaluation import make_report
 
-        ckpt = run_dir / BEST_CHECKPOINT
-        stale_test = ckpt.is_file() and needs_update(run_dir, TEST_INPUTS, ckpt)
-        stale_samples = ckpt.is_file() and needs_update(run_dir, SAMPLE_FILES, ckpt)
-        is_global_zero = True
-        if stale_test or stale_samples:  # one pass over the test set serves both
-            s = _settings(settings)
-            results = evaluate_with(ckpt, s)
-            is_global_zero = results.is_global_zero
-            if is_global_zero and stale_test:
-                report = classification_report(results)
-                write_test_outputs(results, report, run_dir)
-                _print_report(report)
-            if is_global_zero and stale_samples:
-                _print_samples(write_sample_grids(results, 9, run_dir), 9, run_dir)
-        if is_global_zero:
-            console.print(f"wrote {write_report(run_dir)}")
+        update = make_report(run_dir, resolve_settings(None, given))
+        if update.report is not None:
+            render.test_report(update.report, CLASS_NAMES)
+            render.wrote(*(run_dir / name for name in TEST_FILES))
+        if update.samples is not None:
+            render.samples(update.samples, 9, [run_dir / name for name in SAMPLE_FILES])
+        if update.page is not None:
+            render.wrote(update.page)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -672,6 +408,6 @@ def main(args: list[str] | None = None) -> None:
         # Typer's (click's) usage errors carry `format_message` and `exit_code`; anything else is a bug.
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
             raise
-        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}", highlight=False, soft_wrap=True)
+        render.problem("error", exc.format_message())
         sys.exit(exc.exit_code)
     sys.exit(result if isinstance(result, int) else 0)

@@ -2,28 +2,30 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import json
 from pathlib import Path
 from typing import Any
 
 from fmnist_lightning.config import Settings
 from fmnist_lightning.evaluation import run_test
 from fmnist_lightning.plots import plot_compare
-from fmnist_lightning.run_files import METRICS
-from fmnist_lightning.training import claimed_run_dir, read_metrics, run_fit
+from fmnist_lightning.runs import METRICS, claimed_run_dir, read_metrics
+from fmnist_lightning.training import run_fit
 
 VARIANTS = (("dropout", True), ("no-dropout", False))
+COMPARE_PLOT, COMPARE_JSON = "compare.png", "compare.json"
 
 
 def run_compare(s: Settings, out: Path | None = None) -> list[dict[str, Any]] | None:
-    """Train and test both variants in `out/dropout` and `out/no-dropout`; write `out/compare.png`.
+    """Train and test both variants in `out/dropout` and `out/no-dropout`; write `out/compare.png`
+    and the rows as `out/compare.json`.
 
     Returns one summary row per variant (None on DDP ranks other than 0).
     """
     rows, curves = [], {}
     with claimed_run_dir(out) as base:
         for name, dropout in VARIANTS:
-            variant = replace(s, dropout=dropout)
+            variant = s.model_copy(update={"dropout": dropout})
             fitted = run_fit(variant, out=base / name)
             _, report = run_test(fitted.best_checkpoint, variant, fitted.run_dir)
             if report is None:  # not rank 0
@@ -43,5 +45,6 @@ def run_compare(s: Settings, out: Path | None = None) -> list[dict[str, Any]] | 
             )
         if not rows:
             return None
-        plot_compare(curves, base / "compare.png")
+        plot_compare(curves, base / COMPARE_PLOT)
+        (base / COMPARE_JSON).write_text(json.dumps(rows, indent=2) + "\n")
     return rows

@@ -25,9 +25,10 @@ from typing import Any, NamedTuple
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from fmnist_lightning.errors import DataError
+from fmnist_lightning.config import Settings
+from fmnist_lightning.errors import DataError, UsageError
+from fmnist_lightning.hardware import is_global_zero
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,11 @@ def _download(data_dir: Path) -> dict[str, Path]:
 
 def locate(data_dir: Path, offline: bool, system_dir: Path = SYSTEM_DATA_DIR) -> tuple[dict[str, Path], str]:
     """Find the four files: data_dir, then the system copy, then a download. Returns paths and a description."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UsageError(
+            f"--data-dir {data_dir} is a file, not a folder; give the folder that holds (or will hold) "
+            "the Fashion-MNIST files"
+        )
     if data_dir.is_dir() and (found := _find_set(data_dir)) is not None:
         return found, f"local copy in {data_dir}"
     if system_dir.is_dir() and (found := _find_set(system_dir)) is not None:
@@ -211,11 +217,11 @@ def locate(data_dir: Path, offline: bool, system_dir: Path = SYSTEM_DATA_DIR) ->
     return _download(data_dir), f"downloaded into {data_dir}"
 
 
-def load_fashion_mnist(data_dir: Path | str = "data", offline: bool = False) -> FashionMNIST:
+def load_fashion_mnist(data_dir: Path | str, offline: bool) -> FashionMNIST:
     """Find, verify and parse the official files."""
     paths, source = locate(Path(data_dir), offline)
     tensors = {key: parse_idx(read_verified(paths[key], spec), paths[key]) for key, spec in FILES.items()}
-    if rank_zero_only.rank == 0:  # type: ignore[attr-defined]  # one line per run, not per DDP process
+    if is_global_zero():  # one line per run, not per DDP process
         log.info("Fashion-MNIST: %s", source)
     return FashionMNIST(source=source, **{key: t.long() if "labels" in key else t for key, t in tensors.items()})
 
@@ -433,14 +439,15 @@ class FashionMNISTDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str | Path = "data",
-        offline: bool = False,
-        val_size: int = 5000,
-        batch_size: int = 128,
-        eval_batch_size: int = 250,
-        label_smoothing: float = 0.0,
+        *,
+        data_dir: str | Path,
+        offline: bool,
+        val_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        label_smoothing: float,
+        seed: int,
         augment: Augment | None = None,
-        seed: int = 42,
     ) -> None:
         super().__init__()
         self.data_dir, self.offline, self.val_size = Path(data_dir), offline, val_size
@@ -450,6 +457,19 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self.data: FashionMNIST | None = None
         self._train: TensorBatches | None = None
         self._resume_position: dict[str, int] | None = None
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> FashionMNISTDataModule:
+        return cls(
+            data_dir=s.data_dir,
+            offline=s.offline,
+            val_size=s.val_size,
+            batch_size=s.batch_size,
+            eval_batch_size=s.eval_batch_size,
+            label_smoothing=s.label_smoothing,
+            seed=s.seed,
+            augment=Augment(translate=2 if s.augment else 0, hflip=s.augment, erase_p=s.random_erasing),
+        )
 
     def prepare_data(self) -> None:
         # Runs once per node before setup: the only place that may download.

@@ -1,13 +1,11 @@
-"""Loading checkpoints safely, evaluating the official test set, and the reports `fmnist test` writes."""
+"""Evaluating a checkpoint on the official test set, and the reports `fmnist test`,
+`predict-samples` and `report` write from it."""
 
 from __future__ import annotations
 
 import contextlib
 import csv
 import json
-import os
-import pickle
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,61 +14,24 @@ from typing import Any
 import lightning as L
 import torch
 
+from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.config import Settings
-from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule
-from fmnist_lightning.errors import CheckpointError, FmnistError, UsageError
-from fmnist_lightning.model import CHECKPOINT_FORMAT, FashionClassifier
-from fmnist_lightning.run_files import (
+from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, SplitSummary, first_of_each_class, summarize
+from fmnist_lightning.errors import UsageError
+from fmnist_lightning.hardware import Hardware, hardware_for
+from fmnist_lightning.html_report import stale_outputs, write_report
+from fmnist_lightning.model import FashionClassifier
+from fmnist_lightning.runs import (
     BEST_CHECKPOINT,
     CONFUSION_MATRIX,
     CORRECT_SAMPLES,
     INCORRECT_SAMPLES,
     PREDICTIONS,
     TEST_REPORT,
+    check_output_dir,
 )
-from fmnist_lightning.training import Hardware, hardware_for
 
 MAX_SAMPLES = 100  # images per grid in predict-samples: more would not be readable (nor fit a PNG)
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a checkpoint written by this package, or raise CheckpointError saying what is wrong."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a folder; give the .ckpt file (e.g. {path / BEST_CHECKPOINT})")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty")
-    try:
-        # weights_only: a checkpoint is data; never run code from a file the user points us at.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
-        raise CheckpointError(f"checkpoint {path} is truncated, corrupt or not a PyTorch file ({reason})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    ours = ckpt.get("fmnist_lightning")
-    if not isinstance(ours, dict) or "hyper_parameters" not in ckpt:
-        raise CheckpointError(f"{path} was not written by fmnist-lightning (another program's checkpoint)")
-    if ours.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(
-            f"{path} has checkpoint format {ours.get('format')}, this version reads format {CHECKPOINT_FORMAT}"
-        )
-    return ckpt
-
-
-def load_classifier(path: Path) -> FashionClassifier:
-    """Rebuild the trained model (the right network and dropout variant) from a checkpoint."""
-    ckpt = read_checkpoint(path)
-    try:
-        model = FashionClassifier(**ckpt["hyper_parameters"])
-        model.load_state_dict(ckpt["state_dict"])
-    except (TypeError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(
-            f"{path} holds a model this version cannot rebuild ({str(exc).splitlines()[0][:160]})"
-        ) from None
-    return model.eval()
 
 
 @dataclass
@@ -115,34 +76,25 @@ def evaluation_engine(model: FashionClassifier, engine: str, hw: Hardware) -> It
         model.net = torch_net
 
 
-def evaluate(
-    ckpt: Path,
-    hw: Hardware,
-    data_dir: str | Path = "data",
-    offline: bool = False,
-    eval_batch_size: int = 250,
-    engine: str = "torch",
-) -> TestResults:
-    """Evaluate a checkpoint on the official 10,000 test images, each exactly once (also under DDP).
+def evaluate(ckpt: Path, s: Settings) -> TestResults:
+    """Evaluate a checkpoint on the official 10,000 test images, each exactly once (also under DDP),
+    with the hardware, data and evaluation settings of `s`.
 
     The `torch` engine runs the fast path: channels_last layout and inference mode, whatever
     layout the model was trained in (same arithmetic in another memory order; `tests/test_model.py`
     checks agreement). `onnxruntime` exports the network and runs it there (CPU, fp32).
     """
+    hw = hardware_for(s)
     model = load_classifier(ckpt).to_channels_last()
-    datamodule = FashionMNISTDataModule(data_dir=data_dir, offline=offline, eval_batch_size=eval_batch_size)
+    datamodule = FashionMNISTDataModule.from_settings(s)
     trainer = L.Trainer(
-        accelerator=hw.accelerator,
-        devices=hw.devices,
-        strategy=hw.strategy,
-        num_nodes=hw.num_nodes,
-        precision=hw.precision,  # type: ignore[arg-type]
+        **hw.trainer_kwargs(),
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    with evaluation_engine(model, engine, hw):
+    with evaluation_engine(model, s.eval_engine, hw):
         trainer.test(model, datamodule=datamodule, verbose=False)
     values = model.test_results
     images, labels = datamodule.split("test")
@@ -154,11 +106,6 @@ def evaluate(
         images=images[values["index"]],
         is_global_zero=trainer.is_global_zero,
     )
-
-
-def evaluate_with(ckpt: Path, s: Settings) -> TestResults:
-    """`evaluate` with the hardware, data and evaluation options of a command's settings."""
-    return evaluate(ckpt, hardware_for(s), s.data_dir, s.offline, s.eval_batch_size, s.eval_engine)
 
 
 def classification_report(results: TestResults) -> dict[str, Any]:
@@ -241,24 +188,72 @@ def write_sample_grids(results: TestResults, num: int, out: Path) -> dict[str, l
     return picked
 
 
-def check_output_dir(out: Path) -> None:
-    """Fail in a second, before any long computation, when `out` could not be created or written.
-    (Nothing is created here: a command that fails later leaves no empty folder behind.)"""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise FmnistError(f"cannot create output folder {out}: {existing} is a file")
-    if not os.access(existing, os.W_OK):
-        raise FmnistError(f"output folder {out} is not writable")
+def predict_samples(ckpt: Path, s: Settings, num: int, out: Path) -> dict[str, list[int]] | None:
+    """What `fmnist predict-samples` does: evaluate, then (on rank 0) write correct.png and
+    incorrect.png to `out`. Returns the indices shown (None on other ranks)."""
+    check_sample_count(num)  # before the evaluation, so a bad --num fails at once
+    check_output_dir(out)
+    results = evaluate(ckpt, s)
+    return write_sample_grids(results, num, out) if results.is_global_zero else None
 
 
 def run_test(ckpt: Path, s: Settings, out: Path) -> tuple[TestResults, dict[str, Any] | None]:
     """What `fmnist test` does: evaluate, then (on rank 0) write report.json, predictions.csv and the
     confusion matrix to `out`. Returns the results and the report (None on other ranks)."""
-    results = evaluate_with(ckpt, s)
+    results = evaluate(ckpt, s)
     if not results.is_global_zero:
         return results, None
     report = classification_report(results)
     write_test_outputs(results, report, out)
     return results, report
+
+
+@dataclass
+class ReportUpdate:
+    """What `make_report` had to (re)compute before writing the page; None where nothing was."""
+
+    report: dict[str, Any] | None
+    samples: dict[str, list[int]] | None
+    page: Path | None  # None on DDP ranks other than 0
+
+
+def make_report(run_dir: Path, s: Settings, num_samples: int = 9) -> ReportUpdate:
+    """What `fmnist report` does: bring the test report and sample grids up to date with the run's
+    best checkpoint (one pass over the test set serves both), then write `report.html`."""
+    if not run_dir.is_dir():
+        raise UsageError(f"run folder {run_dir} does not exist or is not a folder")
+    stale_test, stale_samples = stale_outputs(run_dir)
+    update = ReportUpdate(report=None, samples=None, page=None)
+    if stale_test or stale_samples:
+        results = evaluate(run_dir / BEST_CHECKPOINT, s)
+        if not results.is_global_zero:
+            return update
+        if stale_test:
+            update.report = classification_report(results)
+            write_test_outputs(results, update.report, run_dir)
+        if stale_samples:
+            update.samples = write_sample_grids(results, num_samples, run_dir)
+    update.page = write_report(run_dir)
+    return update
+
+
+@dataclass
+class DataAnalysis:
+    source: str
+    summary: dict[str, SplitSummary]
+    samples_png: Path
+
+
+def analyse_data(s: Settings, out: Path) -> DataAnalysis:
+    """What `fmnist data` does, as the tutorial's "analyse the data": each split's shapes, pixel
+    range and images per class, and `samples.png` with the first image of each class."""
+    from fmnist_lightning.plots import plot_image_grid
+
+    check_output_dir(out)
+    dm = FashionMNISTDataModule.from_settings(s)
+    dm.setup()
+    images, labels = dm.split("train")
+    first = first_of_each_class(labels)
+    path = out / "samples.png"
+    plot_image_grid(images[first], [CLASS_NAMES[labels[i]] for i in first], path)
+    return DataAnalysis(dm.source, summarize(dm), path)

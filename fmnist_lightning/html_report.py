@@ -1,4 +1,8 @@
-"""`fmnist report`: one self-contained HTML page about a run, built from the files the other commands wrote.
+"""`fmnist report`: one self-contained HTML page about a run, built from the files the other commands
+wrote, and the rule for when those files must be remade first.
+
+Rendering imports neither torch nor lightning (a test checks it): a finished run's page can be
+written anywhere the run folder can be read.
 
 The page has no scripts and no external resources (figures are embedded as base64 PNGs), so it can
 be mailed, archived or opened offline as a single file.
@@ -16,7 +20,7 @@ import yaml
 
 from fmnist_lightning.config import PROVENANCE_KEY
 from fmnist_lightning.errors import FmnistError, UsageError
-from fmnist_lightning.run_files import (
+from fmnist_lightning.runs import (
     BEST_CHECKPOINT,
     CONFIG,
     CONFUSION_MATRIX,
@@ -28,8 +32,8 @@ from fmnist_lightning.run_files import (
     METRICS,
     SAMPLE_FILES,
     TEST_REPORT,
+    read_metrics,
 )
-from fmnist_lightning.training import read_metrics
 
 # What the page shows of `fmnist test`'s outputs (not predictions.csv).
 TEST_INPUTS = (TEST_REPORT, CONFUSION_MATRIX)
@@ -53,6 +57,15 @@ def needs_update(run_dir: Path, names: tuple[str, ...], checkpoint: Path) -> boo
     if not all(p.is_file() for p in paths):
         return True
     return checkpoint.is_file() and min(p.stat().st_mtime for p in paths) < checkpoint.stat().st_mtime
+
+
+def stale_outputs(run_dir: Path) -> tuple[bool, bool]:
+    """Whether `fmnist test`'s and `predict-samples`' outputs must be remade before the page is
+    written: missing, or older than the run's best checkpoint. (Without a checkpoint, nothing can be.)"""
+    ckpt = run_dir / BEST_CHECKPOINT
+    if not ckpt.is_file():
+        return False, False
+    return needs_update(run_dir, TEST_INPUTS, ckpt), needs_update(run_dir, SAMPLE_FILES, ckpt)
 
 
 def _image(path: Path, alt: str) -> str:

@@ -21,9 +21,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE
-from fmnist_lightning.errors import FmnistError
+from fmnist_lightning.checkpoints import load_classifier
+from fmnist_lightning.config import Settings
+from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE, FashionMNISTDataModule
+from fmnist_lightning.errors import FmnistError, UsageError
+from fmnist_lightning.hardware import hardware_for
 from fmnist_lightning.model import FashionClassifier
+from fmnist_lightning.runs import default_out_for
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder is searched for
 # A pixel belongs to the object when it differs from the background by more than this (of 255).
@@ -150,6 +154,23 @@ def predict_images(
             for position, p in zip(images, probabilities):
                 outcomes[position] = Prediction(chunk[position], p)
         yield from (outcome for outcome in outcomes if outcome is not None)
+
+
+def classify(
+    ckpt: Path, inputs: Sequence[Path], s: Settings, invert: bool = True
+) -> tuple[list[Prediction], list[ImageError]]:
+    """What `fmnist predict` does: the class probabilities of every readable image (files, and
+    the images directly inside folders), and one problem per input that could not be read."""
+    device = torch.device("cuda" if hardware_for(s).on_gpu else "cpu")
+    model = load_classifier(ckpt)
+    paths, problems = image_paths(inputs)
+    predictions: list[Prediction] = []
+    for outcome in predict_images(model, paths, device, s.eval_batch_size, invert):
+        if isinstance(outcome, Prediction):
+            predictions.append(outcome)
+        else:
+            problems.append(outcome)
+    return predictions, problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,3 +304,16 @@ def export_model(model: FashionClassifier, fmt: str, path: Path, check_images: t
             f"{len(check_images)} test images with {runtime}, tolerance {EXPORT_TOLERANCE:g}); removed {path}"
         )
     return ExportResult(path, runtime, diff, len(check_images))
+
+
+def export_checkpoint(ckpt: Path, fmt: str, out: Path | None, s: Settings) -> ExportResult:
+    """What `fmnist export` does: the checkpoint's network as `fmt`, written to `out` (default: the
+    run folder) and checked against PyTorch on the first test images."""
+    if fmt not in EXPORT_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+    path = out or default_out_for(ckpt) / EXPORT_FORMATS[fmt]
+    if path.is_dir():
+        raise UsageError(f"--out {path} is a folder; give the file to write, e.g. {path / EXPORT_FORMATS[fmt]}")
+    model = load_classifier(ckpt)
+    test_images = FashionMNISTDataModule.from_settings(s).split("test")[0][:CHECK_IMAGES]
+    return export_model(model, fmt, path, test_images.unsqueeze(1).float() / 255.0)

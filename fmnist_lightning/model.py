@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassConfusionMatrix,
@@ -23,9 +23,22 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from fmnist_lightning.config import Settings
 from fmnist_lightning.data import NUM_CLASSES, Batch
 
-CHECKPOINT_FORMAT = 1  # bumped when a checkpoint written by this package changes incompatibly
+CHECKPOINT_FORMAT = 2  # bumped when a checkpoint written by this package changes incompatibly
+# The settings a FashionClassifier takes (its hyperparameters, with the input standardisation).
+MODEL_SETTINGS = {
+    "network",
+    "dropout",
+    "dropout_conv",
+    "dropout_dense",
+    "lr",
+    "optimizer",
+    "weight_decay",
+    "lr_schedule",
+    "channels_last",
+}
 
 
 class Dropout(nn.Dropout):
@@ -177,15 +190,15 @@ def build_optimizer(
     return torch.optim.Adam(params, **kw)
 
 
-def classification_metrics(prefix: str, sync_on_compute: bool = True) -> MetricCollection:
+def classification_metrics() -> MetricCollection:
     """Accuracy, per-class and averaged precision / recall / F1, and the confusion matrix.
 
     The collection's compute groups let metrics with the same state (all the stat-score based
-    ones) share a single update per batch. `sync_on_compute=False` is for a process that already
-    holds every rank's predictions (summing over ranks would count them several times).
+    ones) share a single update. No sync on compute: it is used by a process that already holds
+    every rank's predictions (summing over ranks would count them several times).
     """
     k = NUM_CLASSES
-    kw: dict[str, Any] = {"sync_on_compute": sync_on_compute}
+    kw: dict[str, Any] = {"sync_on_compute": False}
     metrics: dict[str, Any] = {
         "acc": MulticlassAccuracy(k, average="micro", **kw),
         "confusion": MulticlassConfusionMatrix(k, **kw),
@@ -194,25 +207,87 @@ def classification_metrics(prefix: str, sync_on_compute: bool = True) -> MetricC
         metrics[f"precision_{average}"] = MulticlassPrecision(k, average=average, zero_division=0, **kw)
         metrics[f"recall_{average}"] = MulticlassRecall(k, average=average, zero_division=0, **kw)
         metrics[f"f1_{average}"] = MulticlassF1Score(k, average=average, zero_division=0, **kw)
-    return MetricCollection(metrics, prefix=prefix)
+    return MetricCollection(metrics)
+
+
+class RunningMean(Metric):
+    """total / count, both summed over steps and DDP ranks.
+
+    torchmetrics' MeanMetric looks for NaNs in every update, and MulticlassAccuracy validates its
+    arguments with `torch.unique`: each is a host sync per step, which on a GPU stalls a network
+    this small. Adding to two device tensors needs none.
+    """
+
+    full_state_update = False
+    total: torch.Tensor
+    count: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("count", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
+
+    def update(self, total: torch.Tensor, count: int) -> None:
+        self.total += total.detach().to(self.total.dtype)
+        self.count += count
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count).float()
+
+
+class ConfusionCounts(Metric):
+    """The confusion matrix (rows: true class), accumulated with `index_put_`: unlike `bincount`
+    on a GPU, which reads the largest value back to size its output, it never syncs the host."""
+
+    full_state_update = False
+    counts: torch.Tensor
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("counts", torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        ones = torch.ones_like(labels)
+        self.counts.index_put_((labels, logits.argmax(dim=1)), ones, accumulate=True)
+
+    def compute(self) -> torch.Tensor:
+        return self.counts
+
+
+def accuracy_and_macro_f1(confusion: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy, and the mean F1 over the classes that occur (as torchmetrics' macro F1 with
+    zero_division=0: a class neither present nor predicted is left out of the mean)."""
+    c = confusion.double()
+    tp = c.diagonal()
+    fp, fn = c.sum(dim=0) - tp, c.sum(dim=1) - tp
+    denominator = 2 * tp + fp + fn
+    f1 = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), torch.zeros_like(tp))
+    occurring = denominator > 0
+    return (tp.sum() / c.sum()).float(), (f1[occurring].sum() / occurring.sum().clamp(min=1)).float()
 
 
 class FashionClassifier(L.LightningModule):
-    """Softmax cross-entropy on one-hot targets, Adam by default, torchmetrics for every split."""
+    """Softmax cross-entropy on one-hot targets; running sums for training and validation, and
+    torchmetrics' full classification report once over the test set.
+
+    Every argument is required: the defaults live in `config.Settings` only, and a checkpoint's
+    hyperparameters hold them all.
+    """
 
     def __init__(
         self,
-        network: str = "convnet",
-        dropout: bool = True,
-        dropout_conv: float = 0.25,
-        dropout_dense: float = 0.3,
-        lr: float = 1e-3,
-        optimizer: str = "adam",
-        weight_decay: float = 0.0,
-        lr_schedule: str = "none",
-        channels_last: bool = False,
-        input_mean: float = 0.0,
-        input_std: float = 1.0,
+        *,
+        network: str,
+        dropout: bool,
+        dropout_conv: float,
+        dropout_dense: float,
+        lr: float,
+        optimizer: str,
+        weight_decay: float,
+        lr_schedule: str,
+        channels_last: bool,
+        input_mean: float,
+        input_std: float,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -220,15 +295,18 @@ class FashionClassifier(L.LightningModule):
         self.memory_format = torch.contiguous_format
         if channels_last:
             self.to_channels_last()
-        self.train_loss, self.val_loss = MeanMetric(), MeanMetric()
-        self.train_acc = MulticlassAccuracy(NUM_CLASSES, average="micro")
-        # Saved in checkpoints, so an epoch interrupted and resumed reports the same train metrics.
-        self.train_loss.persistent(True)
-        self.train_acc.persistent(True)
-        self.val_metrics = classification_metrics("val/")
+        # Saved in checkpoints (persistent states), so an epoch interrupted and resumed reports the
+        # same train metrics.
+        self.train_loss, self.train_acc = RunningMean(), RunningMean()
+        self.val_loss, self.val_confusion = RunningMean(), ConfusionCounts()
         self._train_metrics_logged = False
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.test_results: dict[str, Any] = {}
+
+    @classmethod
+    def from_settings(cls, s: Settings, input_mean: float = 0.0, input_std: float = 1.0) -> FashionClassifier:
+        """The model a run's settings describe; `input_mean`/`input_std` standardise its input."""
+        return cls(**s.model_dump(include=MODEL_SETTINGS), input_mean=input_mean, input_std=input_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for images in [0, 1] shaped (B, 1, 28, 28)."""
@@ -246,8 +324,9 @@ class FashionClassifier(L.LightningModule):
         logits = self(batch.images)
         loss = F.cross_entropy(logits, batch.targets)
         # Metric objects accumulate on the device; nothing here forces a host sync per step.
-        self.train_loss.update(loss.detach(), weight=batch.labels.numel())
-        self.train_acc.update(logits.detach(), batch.labels)
+        n = batch.labels.numel()
+        self.train_loss.update(loss.detach() * n, n)
+        self.train_acc.update((logits.detach().argmax(dim=1) == batch.labels).sum(), n)
         if not self._train_metrics_logged:
             # Logging a Metric object registers it: Lightning computes it from all of the epoch's
             # updates at epoch end. Once per epoch is enough, and self.log costs ~2 ms per call
@@ -265,15 +344,18 @@ class FashionClassifier(L.LightningModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         logits = self(batch.images)
-        self.val_loss.update(F.cross_entropy(logits.float(), batch.targets), weight=batch.labels.numel())
-        self.val_metrics.update(logits, batch.labels)
+        self.val_loss.update(F.cross_entropy(logits.float(), batch.targets, reduction="sum"), batch.labels.numel())
+        self.val_confusion.update(logits, batch.labels)
 
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
+        # torchmetrics sums both states over the DDP ranks in compute(): every rank then holds the
+        # metrics of all validation images, and logs the same value. So no `sync_dist` (which
+        # would average identical numbers); training.py silences Lightning's reminder about it.
+        accuracy, f1_macro = accuracy_and_macro_f1(self.val_confusion.compute())
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.log("val/acc", values["val/acc"], prog_bar=True)
-        self.log("val/f1_macro", values["val/f1_macro"])
-        self.val_metrics.reset()
+        self.log("val/acc", accuracy, prog_bar=True)
+        self.log("val/f1_macro", f1_macro)
+        self.val_confusion.reset()
         self.val_loss.reset()
 
     def test_step(self, batch: Batch, batch_idx: int) -> None:
@@ -288,7 +370,7 @@ class FashionClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         index, logits, labels = _gather_outputs(self.test_outputs)
-        metrics = classification_metrics("", sync_on_compute=False)  # every rank now holds everything
+        metrics = classification_metrics()  # every rank now holds everything
         metrics.update(logits, labels)
         values = {k: v.cpu() for k, v in metrics.compute().items()}
         values["loss"] = F.cross_entropy(logits, labels)
@@ -314,17 +396,37 @@ class FashionClassifier(L.LightningModule):
         from fmnist_lightning.config import provenance
 
         checkpoint["fmnist_lightning"] = {"format": CHECKPOINT_FORMAT, **provenance()}
-        # Lightning does not save RNG states; dropout needs them for an exact resume.
-        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+        # Lightning does not save RNG states; dropout needs them for an exact resume. Every rank
+        # draws its own dropout masks, so every rank's state is kept (gathered to all ranks: each
+        # rank calls this hook, only rank 0 writes the file).
+        checkpoint["rng_states"] = _gather_objects(_rng_state(self.device))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states", {})
-        if "torch" in states:
-            torch.set_rng_state(states["torch"])
-        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states["cuda"])
+        states = checkpoint.get("rng_states")
+        rank = self.global_rank if self._trainer is not None else 0
+        if not isinstance(states, list) or rank >= len(states):
+            return  # another number of processes: each rank keeps its fresh seed + rank stream
+        own = states[rank]
+        torch.set_rng_state(own["torch"])
+        if "cuda" in own and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda"], self.device)
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's generator states: the CPU's, and its own GPU's (not every visible GPU's)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _gather_objects(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order (just `[value]` without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
 
 
 def _gather_outputs(
@@ -343,9 +445,6 @@ def _gather_outputs(
             torch.empty(0, NUM_CLASSES),
             torch.empty(0, dtype=torch.long),
         )
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, (index, logits, labels))
-        index, logits, labels = (torch.cat(parts) for parts in zip(*gathered))
+    index, logits, labels = (torch.cat(parts) for parts in zip(*_gather_objects((index, logits, labels))))
     order = torch.argsort(index)
     return index[order], logits[order], labels[order]

@@ -1,25 +1,34 @@
 """One training epoch of batches: the data module's tensor batcher vs torchvision's per-sample pipeline.
 
-python scripts/data_benchmark.py [--json PATH] [--data-dir DIR]
+python scripts/data_benchmark.py [--json PATH] [--data-dir DIR] [--batch-size N]
 """
 
-import argparse
 import json
 from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
 
 from fmnist_lightning.bench import bench_data
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--data-dir", default="data", help="where to look for Fashion-MNIST before the system copy")
-parser.add_argument("--batch-size", type=int, default=128)
-parser.add_argument("--json", type=Path, help="also write the result to this JSON file")
-args = parser.parse_args()
-result = bench_data(args.data_dir, args.batch_size)
-rates = result["batches_per_s"]
-print(
-    f"one 55k epoch, batch {args.batch_size}: fmnist {rates['fmnist']:,.0f} batches/s, "
-    f"torchvision + ToTensor + DataLoader {rates['torchvision']:,.0f} batches/s: {result['ratio']:.0f}x "
-    f"({result['machine']['cpu']}, torch {result['versions']['torch']})"
-)
-if args.json:
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+def main(
+    data_dir: Annotated[str, typer.Option(help="Where to look for Fashion-MNIST before the system copy.")] = "data",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.")] = 128,
+    json_path: Annotated[
+        Optional[Path], typer.Option("--json", help="Also write the result to this JSON file.")
+    ] = None,
+) -> None:
+    result = bench_data(data_dir, batch_size)
+    rates = result["batches_per_s"]
+    typer.echo(
+        f"one 55k epoch, batch {batch_size}: fmnist {rates['fmnist']:,.0f} batches/s, "
+        f"torchvision + ToTensor + DataLoader {rates['torchvision']:,.0f} batches/s: {result['ratio']:.0f}x "
+        f"({result['machine']['cpu']}, torch {result['versions']['torch']})"
+    )
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real dataset, tiny CPU settings, and one small trained checkpoint.
+"""Shared fixtures: the real dataset and one small trained run (shared helpers: tests/helpers.py).
 
 The real Fashion-MNIST must be installed (Debian's dataset-fashion-mnist, or the four IDX files in
 ./data). CI installs it, and there a missing dataset fails the run; elsewhere those tests skip.
@@ -38,27 +38,16 @@ def real_data() -> None:
 
 @pytest.fixture(scope="session")
 def datamodule(real_data: None) -> FashionMNISTDataModule:
-    dm = FashionMNISTDataModule(offline=True)
+    dm = FashionMNISTDataModule.from_settings(Settings(offline=True))
     dm.setup()
     return dm
 
 
-@pytest.fixture
-def tiny() -> Settings:
-    """A few batches on the CPU: exercises every code path in seconds."""
-    return Settings(
-        max_epochs=1,
-        limit_train_batches=4,
-        limit_val_batches=1,
-        offline=True,
-        progress=False,
-        accelerator="cpu",
-    )
-
-
 @pytest.fixture(scope="session")
 def trained_run(real_data: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One short run without dropout (so the round trip must restore that variant)."""
+    """One short run without dropout (so the round trip must restore that variant).
+
+    Shared by the whole session: tests read it, and copy it (`copied_run`) before writing into it."""
     from fmnist_lightning.training import run_fit
 
     out = tmp_path_factory.mktemp("trained") / "run"
@@ -96,11 +85,9 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):
     return run
 
 
-def is_png(path: Path) -> bool:
-    from PIL import Image
+@pytest.fixture
+def copied_run(trained_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained run, for tests that write into a run folder."""
+    import shutil
 
-    if not path.is_file() or path.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
-        return False
-    with Image.open(path) as image:
-        image.verify()
-    return True
+    return Path(shutil.copytree(trained_run, tmp_path / "copied-run"))

@@ -154,13 +154,13 @@ def test_output_folder_that_cannot_be_made_fails_before_evaluating(command: str,
 
 
 def test_fit_that_fails_before_training_leaves_no_trace(cli, tmp_path: Path, monkeypatch) -> None:
-    from fmnist_lightning import training
+    from fmnist_lightning.data import FashionMNISTDataModule
     from fmnist_lightning.errors import DataError
 
     def no_data(*args: object, **kwargs: object) -> None:
         raise DataError("Fashion-MNIST not found (simulated)")
 
-    monkeypatch.setattr(training, "build_datamodule", no_data)
+    monkeypatch.setattr(FashionMNISTDataModule, "from_settings", no_data)
     monkeypatch.chdir(tmp_path)
     result = cli("fit", "--offline", "--out", tmp_path / "new-run")
     _assert_one_clear_line(*result[::2], 1, "not found (simulated)")
@@ -174,14 +174,13 @@ def test_fit_that_fails_before_training_leaves_no_trace(cli, tmp_path: Path, mon
 def test_ctrl_c_before_training_starts_exits_130_and_leaves_no_trace(
     where: str, cli, tmp_path: Path, monkeypatch
 ) -> None:
-    from fmnist_lightning import training
     from fmnist_lightning.data import FashionMNISTDataModule
 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt  # as Ctrl-C while the data loads
 
     if where == "before the Trainer":
-        monkeypatch.setattr(training, "build_datamodule", interrupted)
+        monkeypatch.setattr(FashionMNISTDataModule, "from_settings", interrupted)
     else:  # Lightning catches it there and calls exit(1)
         monkeypatch.setattr(FashionMNISTDataModule, "setup", interrupted)
     code, out, err = cli("fit", "--offline", "--out", tmp_path / "new-run")
@@ -190,7 +189,11 @@ def test_ctrl_c_before_training_starts_exits_130_and_leaves_no_trace(
 
 
 def test_bench_without_paths_is_refused(cli) -> None:
-    _assert_one_clear_line(*cli("bench", "--paths", ",")[::2], 2, "--paths names no path")
+    _assert_one_clear_line(
+        *cli("bench", "--paths", ",")[::2],
+        2,
+        "paths names none; choose from raw, fmnist, typical, fmnist-fast (from --paths)",
+    )
 
 
 def test_out_holding_another_run_is_refused(cli, existing_run) -> None:
@@ -220,8 +223,8 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
     import errno
 
+    from fmnist_lightning.checkpoints import AtomicCheckpointIO
     from fmnist_lightning.errors import FmnistError
-    from fmnist_lightning.training import AtomicCheckpointIO
 
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from fmnist_lightning import __version__
-from tests.conftest import is_png
+from tests.helpers import is_png
 
 TINY = [
     "--offline",
@@ -117,12 +117,10 @@ def test_test_and_predict_samples(trained_run: Path, cli, tmp_path: Path) -> Non
     assert "correct (4)" in stdout and "incorrect (4)" in stdout
 
 
-def test_test_report_defaults_to_the_run_folder(trained_run: Path, cli) -> None:
-    code, _, err = cli(
-        "predict-samples", "--ckpt", trained_run / "checkpoints" / "best.ckpt", "--offline", "--num", "2"
-    )
+def test_predict_samples_writes_into_the_run_folder_by_default(copied_run: Path, cli) -> None:
+    code, _, err = cli("predict-samples", "--ckpt", copied_run / "checkpoints" / "best.ckpt", "--offline", "--num", "2")
     assert code == 0, err
-    assert is_png(trained_run / "correct.png")
+    assert is_png(copied_run / "correct.png")
 
 
 def test_compare_trains_both_variants(real_data: None, cli, tmp_path: Path) -> None:
@@ -133,4 +131,13 @@ def test_compare_trains_both_variants(real_data: None, cli, tmp_path: Path) -> N
         assert yaml.safe_load((out / variant / "config.yaml").read_text())["dropout"] is dropout
         assert json.loads((out / variant / "report.json").read_text())["num_samples"] == 10000
     assert is_png(out / "compare.png")
-    assert "dropout" in stdout and "no-dropout" in stdout
+    # The printed table holds the numbers of compare.json, which are those of each variant's report.
+    rows = json.loads((out / "compare.json").read_text())
+    assert [row["model"] for row in rows] == ["dropout", "no-dropout"]
+    for row in rows:
+        report = json.loads((out / row["model"] / "report.json").read_text())
+        assert row["test_acc"] == report["accuracy"] and row["test_loss"] == report["loss"]
+        table_rows = [line.strip().strip("│").split("│") for line in stdout.splitlines() if line.startswith("│")]
+        cells = next([c.strip() for c in cells] for cells in table_rows if cells[0].strip() == row["model"])
+        expected = [f"{row['test_acc']:.4f}", f"{row['test_loss']:.4f}", str(row["best_epoch"]), f"{row['gap']:+.4f}"]
+        assert cells[1:] == expected, stdout

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fmnist_lightning.config import Settings
 from fmnist_lightning.data import (
     FILES,
     NUM_CLASSES,
@@ -20,7 +21,7 @@ from fmnist_lightning.data import (
     locate,
 )
 from fmnist_lightning.errors import DataError
-from tests.conftest import is_png
+from tests.helpers import is_png
 
 
 def official_train_image(i: int) -> torch.Tensor:
@@ -48,7 +49,7 @@ def test_test_set_has_1000_per_class(datamodule: FashionMNISTDataModule) -> None
 
 
 def test_val_size_keeps_first_n_convention(real_data: None) -> None:
-    dm = FashionMNISTDataModule(offline=True, val_size=1000)
+    dm = FashionMNISTDataModule.from_settings(Settings(offline=True, val_size=1000))
     dm.setup()
     assert len(dm.split("val")[0]) == 1000 and len(dm.split("train")[0]) == 59000
     assert torch.equal(dm.split("train")[0][0], official_train_image(1000))
@@ -73,11 +74,19 @@ def test_label_smoothing_keeps_argmax_and_sums_to_one() -> None:
     assert t[0, 0] == pytest.approx(0.91) and t[0, 1] == pytest.approx(0.01)
 
 
-def test_eval_batches_cover_each_image_once_including_last_partial_batch(datamodule: FashionMNISTDataModule) -> None:
-    images, labels = datamodule.split("test")
+def test_eval_batches_cover_each_image_once_including_last_partial_batch() -> None:
+    images, labels = synthetic(10000)
     batches = list(TensorBatches(images, labels, batch_size=768))
     assert len(batches) == 14 and len(batches[-1].labels) == 10000 - 13 * 768
     assert torch.equal(torch.cat([b.indices for b in batches]), torch.arange(10000))
+
+
+def synthetic(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random uint8 images and labels: batcher logic needs no real data."""
+    gen = torch.Generator().manual_seed(n)
+    return torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen), torch.randint(
+        0, 10, (n,), generator=gen
+    )
 
 
 def _order(batches: TensorBatches, epoch: int) -> torch.Tensor:
@@ -85,8 +94,8 @@ def _order(batches: TensorBatches, epoch: int) -> torch.Tensor:
     return torch.cat([b.indices for b in batches])
 
 
-def test_shuffle_is_seeded_per_epoch(datamodule: FashionMNISTDataModule) -> None:
-    images, labels = datamodule.split("train")
+def test_shuffle_is_seeded_per_epoch() -> None:
+    images, labels = synthetic(55000)
     a = TensorBatches(images, labels, 128, shuffle=True, seed=7)
     b = TensorBatches(images, labels, 128, shuffle=True, seed=7)
     c = TensorBatches(images, labels, 128, shuffle=True, seed=8)
@@ -96,8 +105,8 @@ def test_shuffle_is_seeded_per_epoch(datamodule: FashionMNISTDataModule) -> None
     assert torch.equal(_order(a, 3).sort().values, torch.arange(55000))
 
 
-def test_ddp_shards_are_disjoint_and_cover_the_epoch(datamodule: FashionMNISTDataModule) -> None:
-    images, labels = datamodule.split("train")
+def test_ddp_shards_are_disjoint_and_cover_the_epoch() -> None:
+    images, labels = synthetic(55000)
     shards = [
         _order(TensorBatches(images, labels, 128, shuffle=True, seed=1, rank=r, world_size=2, even_shards=True), 2)
         for r in range(2)
@@ -107,8 +116,8 @@ def test_ddp_shards_are_disjoint_and_cover_the_epoch(datamodule: FashionMNISTDat
     assert torch.equal(torch.cat(shards).sort().values, torch.arange(55000))
 
 
-def test_eval_shards_use_every_sample_exactly_once_even_when_uneven(datamodule: FashionMNISTDataModule) -> None:
-    images, labels = datamodule.split("test")
+def test_eval_shards_use_every_sample_exactly_once_even_when_uneven() -> None:
+    images, labels = synthetic(10000)
     shards = [
         torch.cat([b.indices for b in TensorBatches(images, labels, 1000, rank=r, world_size=3)]) for r in range(3)
     ]
@@ -116,8 +125,8 @@ def test_eval_shards_use_every_sample_exactly_once_even_when_uneven(datamodule: 
     assert torch.equal(torch.cat(shards).sort().values, torch.arange(10000))
 
 
-def test_resume_mid_epoch_continues_with_the_next_batch(datamodule: FashionMNISTDataModule) -> None:
-    images, labels = datamodule.split("train")
+def test_resume_mid_epoch_continues_with_the_next_batch() -> None:
+    images, labels = synthetic(55000)
     full = TensorBatches(images, labels, 1000, shuffle=True, seed=3)
     full.set_epoch(2)
     expected = [b.indices for b in full]
@@ -133,8 +142,8 @@ def test_resume_mid_epoch_continues_with_the_next_batch(datamodule: FashionMNIST
     assert all(torch.equal(a, b) for a, b in zip(seen + rest, expected))
 
 
-def test_augmentation_is_deterministic_and_keeps_shape(datamodule: FashionMNISTDataModule) -> None:
-    images, labels = datamodule.split("train")
+def test_augmentation_is_deterministic_and_keeps_shape() -> None:
+    images, labels = synthetic(55000)
     aug = Augment(translate=2, hflip=True, erase_p=0.5)
     a = TensorBatches(images, labels, 256, shuffle=True, seed=5, augment=aug)
     b = TensorBatches(images, labels, 256, shuffle=True, seed=5, augment=aug)

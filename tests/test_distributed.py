@@ -89,13 +89,16 @@ def test_asking_for_a_gpu_without_one_is_a_usage_error(cli, tmp_path: Path) -> N
 
 def test_hardware_resolution() -> None:
     from fmnist_lightning.errors import UsageError
-    from fmnist_lightning.training import resolve_hardware
+    from fmnist_lightning.hardware import resolve_hardware
 
-    cpu2 = resolve_hardware(accelerator="cpu", devices="2")
+    def resolve(accelerator: str = "auto", devices: str = "auto", precision: str = "auto", **kw: object):
+        return resolve_hardware(accelerator, devices, "auto", precision, **kw)  # type: ignore[arg-type]
+
+    cpu2 = resolve(accelerator="cpu", devices="2")
     assert (cpu2.accelerator, cpu2.devices, cpu2.strategy, cpu2.precision) == ("cpu", 2, "ddp", "32-true")
-    assert resolve_hardware(gpus=0).accelerator == "cpu"
-    assert resolve_hardware(accelerator="cpu", precision="bf16-mixed").precision == "bf16-mixed"
+    assert resolve(gpus=0).accelerator == "cpu"
+    assert resolve(accelerator="cpu", precision="bf16-mixed").precision == "bf16-mixed"
     with pytest.raises(UsageError, match="16-mixed needs a GPU"):
-        resolve_hardware(accelerator="cpu", precision="16-mixed")
+        resolve(accelerator="cpu", precision="16-mixed")
     with pytest.raises(UsageError, match="at least 1"):
-        resolve_hardware(devices="0")
+        resolve(devices="0")

@@ -1,10 +1,13 @@
-"""One real learning test: the tutorial CNN learns Fashion-MNIST on the CPU."""
+"""Real learning tests: the tutorial CNN learns Fashion-MNIST on the CPU, and so does the ResNet of
+`configs/strong.yaml` on a small batch."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from fmnist_lightning.config import Settings
 from fmnist_lightning.evaluation import run_test
@@ -22,3 +25,39 @@ def test_one_epoch_on_the_full_train_split_reaches_85_percent(real_data: None, t
     _, report = run_test(result.best_checkpoint, s, tmp_path / "run")
     assert report is not None and report["num_samples"] == 10000
     assert report["accuracy"] >= 0.85, report["accuracy"]
+
+
+def test_resnet_of_the_strong_config_learns_and_round_trips(datamodule, tmp_path: Path) -> None:
+    """A few optimiser steps of configs/strong.yaml's network on one small real batch lower its
+    loss, and its checkpoint rebuilds the same network with the same outputs."""
+    from fmnist_lightning.checkpoints import load_classifier
+    from fmnist_lightning.config import resolve_settings
+    from tests.helpers import classifier
+
+    strong = resolve_settings(Path("configs/strong.yaml"))
+    assert strong.network == "resnet"
+    torch.manual_seed(0)
+    model = classifier(network="resnet", dropout=strong.dropout, dropout_dense=strong.dropout_dense)
+    images, labels = datamodule.split("train")
+    x, y = images[:32].unsqueeze(1).float() / 255, labels[:32]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=strong.lr)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    import lightning as L
+
+    path = tmp_path / "resnet.ckpt"
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    again = load_classifier(path)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(again(x), model(x), atol=1e-5)

@@ -9,10 +9,11 @@ import pytest
 import torch
 from torch import nn
 
+from fmnist_lightning.checkpoints import load_classifier, read_checkpoint
 from fmnist_lightning.data import CLASS_NAMES
 from fmnist_lightning.errors import CheckpointError
-from fmnist_lightning.evaluation import load_classifier, read_checkpoint
 from fmnist_lightning.model import ConvNet, FashionClassifier, build_network
+from tests.helpers import classifier
 
 
 def test_tutorial_network_has_356234_parameters_and_tf_same_shapes() -> None:
@@ -91,8 +92,8 @@ def test_other_networks_produce_logits(name: str) -> None:
 
 
 def test_standardisation_is_part_of_the_model() -> None:
-    plain = FashionClassifier(dropout=False)
-    standardised = FashionClassifier(dropout=False, input_mean=0.3, input_std=0.35)
+    plain = classifier(dropout=False)
+    standardised = classifier(dropout=False, input_mean=0.3, input_std=0.35)
     standardised.net.load_state_dict(plain.net.state_dict())
     x = torch.rand(4, 1, 28, 28)
     assert torch.allclose(standardised(x), plain((x - 0.3) / 0.35), atol=1e-5)
@@ -122,10 +123,10 @@ def test_other_programs_checkpoint_is_refused(tmp_path: Path) -> None:
         load_classifier(path)
 
 
-def test_report_matches_scikit_learn(trained_run: Path, cli) -> None:
+def test_report_matches_scikit_learn(trained_run: Path, cli, tmp_path: Path) -> None:
     """fmnist test's numbers equal scikit-learn's classification_report on the same predictions."""
     sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    out = trained_run / "report"
+    out = tmp_path / "report"
     code, stdout, err = cli("test", "--ckpt", trained_run / "checkpoints" / "best.ckpt", "--offline", "--out", out)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())

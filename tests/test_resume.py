@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ from lightning.pytorch.callbacks import Callback
 
 from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted
-from fmnist_lightning.training import RunLock, run_fit
+from fmnist_lightning.runs import run_lock
+from fmnist_lightning.training import run_fit
 
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
 
@@ -92,9 +92,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
 
 
 def test_resume_can_extend_a_finished_run(real_data: None, settings: Settings, tmp_path: Path) -> None:
-    short = replace(settings, max_epochs=1, lr_schedule="none")
+    short = settings.model_copy(update=dict(max_epochs=1, lr_schedule="none"))
     run_fit(short, out=tmp_path / "run")
-    result = run_fit(replace(short, max_epochs=2), out=tmp_path / "run", resume=True)
+    result = run_fit(short.model_copy(update=dict(max_epochs=2)), out=tmp_path / "run", resume=True)
     assert result.epochs == 2
     assert [r["epoch"] for r in _metrics(tmp_path / "run")] == [1.0, 2.0]
 
@@ -102,14 +102,14 @@ def test_resume_can_extend_a_finished_run(real_data: None, settings: Settings, t
 def test_resume_refuses_to_stretch_a_scheduled_run(real_data: None, settings: Settings, tmp_path: Path) -> None:
     from fmnist_lightning.errors import UsageError
 
-    short = replace(settings, max_epochs=1, lr_schedule="onecycle")
+    short = settings.model_copy(update=dict(max_epochs=1, lr_schedule="onecycle"))
     run_fit(short, out=tmp_path / "run")
     with pytest.raises(UsageError, match="onecycle learning-rate schedule is sized for 1 epochs"):
-        run_fit(replace(short, max_epochs=2), out=tmp_path / "run", resume=True)
+        run_fit(short.model_copy(update=dict(max_epochs=2)), out=tmp_path / "run", resume=True)
 
 
 def test_same_seed_deterministic_runs_are_bit_identical(real_data: None, settings: Settings, tmp_path: Path) -> None:
-    one_epoch = replace(settings, max_epochs=1)
+    one_epoch = settings.model_copy(update=dict(max_epochs=1))
     run_fit(one_epoch, out=tmp_path / "a")
     run_fit(one_epoch, out=tmp_path / "b")
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
@@ -120,7 +120,7 @@ def test_same_seed_deterministic_runs_are_bit_identical(real_data: None, setting
 def test_second_fit_on_the_same_folder_is_refused(real_data: None, settings: Settings, tmp_path: Path, cli) -> None:
     run = tmp_path / "run"
     run.mkdir()
-    with RunLock(run):
+    with run_lock(run):
         code, _, err = cli("fit", "--offline", "--out", run, "--max-epochs", "1")
     assert code == 1
     assert "another fmnist process" in err and "is writing to" in err
@@ -129,23 +129,23 @@ def test_second_fit_on_the_same_folder_is_refused(real_data: None, settings: Set
 
 def test_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from fmnist_lightning.training import RunLock; from pathlib import Path; "
-         f"import time; RunLock(Path({str(tmp_path)!r})).__enter__(); print('locked', flush=True); time.sleep(60)"],
+        [sys.executable, "-c", f"from fmnist_lightning.runs import run_lock; from pathlib import Path; "
+         f"import time\nwith run_lock(Path({str(tmp_path)!r})):\n    print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    with pytest.raises(FmnistError, match="another fmnist process"), RunLock(tmp_path):
+    with pytest.raises(FmnistError, match="another fmnist process"), run_lock(tmp_path):
         pass
     holder.kill()  # kill -9: the kernel drops the lock with the process
     holder.wait()
-    with RunLock(tmp_path):
+    with run_lock(tmp_path):
         pass
 
 
 SAVE_LOOP = """
 import sys, torch
 from pathlib import Path
-from fmnist_lightning.training import AtomicCheckpointIO
+from fmnist_lightning.checkpoints import AtomicCheckpointIO
 io, path = AtomicCheckpointIO(), Path(sys.argv[1])
 for i in range(10**6):
     io.save_checkpoint({"i": i, "weights": torch.full((3_000_000,), float(i))}, path)

@@ -18,10 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from fmnist_lightning.checkpoints import load_classifier
+from fmnist_lightning.config import Settings
 from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule
-from fmnist_lightning.evaluation import load_classifier
 from fmnist_lightning.inference import export_model, load_image, torchscript_logits
-from tests.conftest import is_png
+from tests.helpers import is_png
 
 SHIPPED = Path(__file__).parent / "data"  # ankle_boot.png: test image 0; pullover_on_white.png: test image 1
 # Test images covering every class (the first three of each), written out as PNG files.
@@ -30,7 +31,7 @@ PER_CLASS = 3
 
 @pytest.fixture(scope="module")
 def test_images(real_data: None) -> tuple[torch.Tensor, torch.Tensor]:
-    return FashionMNISTDataModule(offline=True).split("test")
+    return FashionMNISTDataModule.from_settings(Settings(offline=True)).split("test")
 
 
 def _ckpt(run: Path) -> Path:
@@ -141,8 +142,9 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(trained_run: Path,
 
 
 def test_export_onnx_and_torchscript_agree_with_pytorch(
-    trained_run: Path, cli, tmp_path: Path, test_images: tuple[torch.Tensor, torch.Tensor]
+    copied_run: Path, cli, tmp_path: Path, test_images: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
+    trained_run = copied_run  # the default output goes into the run folder
     onnxruntime = pytest.importorskip("onnxruntime")
     model = load_classifier(_ckpt(trained_run))
     batch = test_images[0][-5:].unsqueeze(1).float() / 255  # images the export did not check: another batch size
@@ -290,7 +292,7 @@ def test_report_needs_a_run_folder(cli, tmp_path: Path) -> None:
 
 def test_report_remakes_outputs_older_than_the_checkpoint(tmp_path: Path) -> None:
     from fmnist_lightning.html_report import needs_update
-    from fmnist_lightning.run_files import TEST_FILES
+    from fmnist_lightning.runs import TEST_FILES
 
     ckpt = tmp_path / "best.ckpt"
     ckpt.write_bytes(b"")

@@ -1,0 +1,197 @@
+"""The callbacks `fmnist fit` adds to Lightning's: per-epoch metrics, the run's config, a clean stop
+on SIGINT/SIGTERM, and per-rank seeding."""
+
+from __future__ import annotations
+
+import csv
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+
+from fmnist_lightning.config import Settings, provenance, save_yaml
+from fmnist_lightning.errors import TrainingInterrupted
+from fmnist_lightning.runs import METRIC_COLUMNS
+
+
+def _sync(pl_module: L.LightningModule) -> None:
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)  # at epoch and validation boundaries only: honest timings
+
+
+class EpochMetricsCSV(Callback):
+    """One row per epoch in `metrics.csv`: train and val loss/accuracy, lr and training speed.
+
+    The training time of an epoch excludes the validation that runs inside it (at its end, or at
+    `val_check_interval`): each validation's duration is subtracted.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._start = self._val_start = 0.0
+        self._val_time = 0.0
+        self._images = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed mid-epoch skips on_train_epoch_start for that epoch: time it from here.
+        self._start, self._val_time, self._images = time.perf_counter(), 0.0, 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module)
+        self._start, self._val_time, self._images = time.perf_counter(), 0.0, 0
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._images += len(batch.labels) * trainer.world_size
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            _sync(pl_module)
+            self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            _sync(pl_module)
+            self._val_time += time.perf_counter() - self._val_start
+
+    def epoch_times(self) -> tuple[float, float]:
+        """(training seconds, validation seconds) of the epoch so far."""
+        return time.perf_counter() - self._start - self._val_time, self._val_time
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        _sync(pl_module)
+        train_time, _ = self.epoch_times()
+        if not trainer.is_global_zero:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in METRIC_COLUMNS}
+        on_gpu = pl_module.device.type == "cuda"
+        row: dict[str, Any] = {
+            **metrics,
+            "epoch": trainer.current_epoch + 1,
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "train_time_s": round(train_time, 3),
+            "images_per_s": round(self._images / train_time, 1) if train_time > 0 else "",
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "gpu_peak_mb": round(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, 1) if on_gpu else "",
+        }
+        new = not self.path.exists()
+        with self.path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+
+
+def run_environment(trainer: L.Trainer) -> dict[str, Any]:
+    """How this run was really executed: resolved hardware and how the processes were launched."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)  # only parallel strategies have one
+    return {
+        "accelerator": type(trainer.accelerator).__name__,
+        "resolved_precision": str(trainer.precision),
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "cluster_environment": type(environment).__name__ if environment is not None else None,
+    }
+
+
+class SaveConfig(Callback):
+    """Writes the run's config.yaml once training really starts (after a resume has loaded), so a
+    command that fails before then leaves the folder as it was."""
+
+    def __init__(self, path: Path, settings: Settings) -> None:
+        self.path, self.settings = path, settings
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_yaml(self.settings, self.path, {**provenance(), **run_environment(trainer)})
+
+
+class SeedRanks(Callback):
+    """Seed each rank's generators with seed + global rank once the process group exists.
+
+    Weights are initialised before this from the common seed (and DDP broadcasts rank 0's anyway);
+    what follows, dropout above all, must differ between ranks, or every rank draws the same
+    masks. `setup` runs before a checkpoint's RNG states are restored, so a resume still continues
+    each rank's own stream.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:
+            torch.manual_seed(self.seed + trainer.global_rank)
+
+
+class GracefulInterrupt(Callback):
+    """On SIGINT/SIGTERM: finish the current step, save a resumable `last.ckpt`, then stop.
+
+    A single process checks its flag after every step at no cost. Several processes must stop at
+    the same step, so they agree (one tiny all-reduce) every `sync_every` optimiser steps, keyed on
+    `global_step` (the same on every rank), and at the start of every epoch: an epoch shorter than
+    `sync_every` steps (8 GPUs at batch 512 give 13) still stops, at its end.
+    """
+
+    def __init__(self, last_ckpt: Path, sync_every: int = 20) -> None:
+        self.last_ckpt, self.sync_every = last_ckpt, sync_every
+        self.requested: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._checked_step = -1
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = signum
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not earlier: Lightning installs (and at teardown restores) its own SIGTERM handler just
+        # before training starts; ours must replace it, not be captured and restored by it.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        stop = self.requested is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        trainer.save_checkpoint(self.last_ckpt)
+        name = signal.Signals(self.requested).name if self.requested else "a signal on another rank"
+        run_dir = self.last_ckpt.parent.parent
+        raise TrainingInterrupted(
+            f"stopped by {name} in epoch {trainer.current_epoch + 1} after step {trainer.global_step}; "
+            f"saved {self.last_ckpt}. Continue with: fmnist fit --out {run_dir} --resume"
+        )
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if trainer.world_size > 1 and (step % self.sync_every or step == self._checked_step):
+            return
+        self._checked_step = step
+        self._check(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    # Restored when training ends or fails: both come before Lightning's teardown puts back the
+    # handlers it found. (A callback's `teardown` comes after it, and would leave Lightning's
+    # SIGTERM handler of a finished Trainer installed: a later SIGTERM would be swallowed.)
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()

@@ -1,0 +1,128 @@
+"""Hardware: turning the user's accelerator/devices/precision options into Trainer arguments, and
+knowing whether this process is global rank 0.
+
+torch is imported inside the functions that need it, so the run-folder code (and `fmnist --help`)
+can ask "am I rank 0?" without loading it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fmnist_lightning.errors import UsageError
+
+if TYPE_CHECKING:
+    from fmnist_lightning.config import Settings
+
+
+def is_global_zero() -> bool:
+    """Whether this process is global rank 0, before or after the process group exists.
+
+    - Once torch.distributed is initialised, its rank decides.
+    - torchrun sets RANK (the global rank) in every process it starts.
+    - Lightning's own launcher sets LOCAL_RANK and NODE_RANK in the processes it starts; a
+      SLURM_PROCID inherited from a batch step then says nothing (every child has the same one).
+    - srun sets SLURM_PROCID, the global rank, and no LOCAL_RANK.
+    - A user's NODE_RANK (multi-node without a launcher yet) counts on its own.
+    Lightning's own guess (`rank_zero_only.rank`) ignores NODE_RANK, so on node 1 of a multi-node
+    run it believes it is rank 0 until the process group exists.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()) == 0
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"]) == 0
+    if "LOCAL_RANK" in env:
+        return int(env["LOCAL_RANK"]) == 0 and int(env.get("NODE_RANK", "0")) == 0
+    if "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]) == 0
+    return int(env.get("NODE_RANK", "0")) == 0
+
+
+@dataclass(frozen=True)
+class Hardware:
+    accelerator: str
+    devices: int | list[int]
+    strategy: str
+    precision: str
+    num_nodes: int = 1
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.accelerator == "gpu"
+
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """The Trainer's hardware arguments (every Trainer this package builds takes these)."""
+        return {
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "strategy": self.strategy,
+            "num_nodes": self.num_nodes,
+            "precision": self.precision,
+        }
+
+
+def _parse_devices(devices: str) -> int | list[int] | str:
+    if devices == "auto":
+        return "auto"
+    if "," in devices:
+        return [int(d) for d in devices.split(",") if d.strip()]
+    return int(devices)
+
+
+def gpu_supports_bf16() -> bool:
+    """Native bf16 only: V100s and T4s emulate it (slower than 16-mixed), and torch counts that by default."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def resolve_hardware(
+    accelerator: str,
+    devices: str,
+    strategy: str,
+    precision: str,
+    num_nodes: int = 1,
+    gpus: int | None = None,
+) -> Hardware:
+    """Turn the user's hardware options into concrete Trainer arguments, or raise UsageError."""
+    import torch
+
+    wanted = _parse_devices(devices)
+    if gpus is not None:
+        accelerator = "gpu" if gpus > 0 else "cpu"
+        wanted = gpus if gpus > 0 else wanted
+    if wanted == 0:
+        raise UsageError("--devices must be at least 1")
+    visible = torch.cuda.device_count()
+    if accelerator == "auto":
+        accelerator = "gpu" if visible else "cpu"
+    accelerator = "gpu" if accelerator == "cuda" else accelerator
+    count = (max(visible, 1) if accelerator == "gpu" else 1) if isinstance(wanted, str) else wanted
+    n = len(count) if isinstance(count, list) else count
+    if accelerator == "gpu":
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(visible))
+        if visible == 0:
+            raise UsageError(f"asked for {n} GPU(s) but no GPU is visible; use --gpus 0 or --accelerator cpu")
+        if n > visible or (isinstance(count, list) and max(count) >= visible):
+            raise UsageError(f"asked for GPUs {count} but only {visible} visible ({names})")
+    elif isinstance(count, list):
+        raise UsageError("a list of device ids only makes sense for GPUs; give --devices N for CPU processes")
+    if strategy == "auto":
+        strategy = "ddp" if n * num_nodes > 1 else "auto"
+    on_gpu = accelerator == "gpu"
+    if precision == "auto":
+        precision = ("bf16-mixed" if gpu_supports_bf16() else "16-mixed") if on_gpu else "32-true"
+    if precision == "16-mixed" and not on_gpu:
+        raise UsageError("precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
+    if precision == "bf16-mixed" and on_gpu and not gpu_supports_bf16():
+        raise UsageError("this GPU cannot do bf16-mixed natively; use --precision 16-mixed or 32-true")
+    return Hardware(accelerator, count, strategy, precision, num_nodes)
+
+
+def hardware_for(s: Settings) -> Hardware:
+    return resolve_hardware(s.accelerator, s.devices, s.strategy, s.precision, s.num_nodes, s.gpus)

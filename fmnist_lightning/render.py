@@ -1,0 +1,183 @@
+"""What the commands print: rich tables and one-line messages, from plain results.
+
+Nothing here computes anything; the library returns results and this module shows them. It
+imports neither torch nor lightning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def problem(label: str, message: str) -> None:
+    """One line on stderr: `error: ...` (red) or `interrupted: ...` (yellow)."""
+    style = "bold yellow" if label == "interrupted" else "bold red"
+    err_console.print(f"[{style}]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def wrote(*paths: Path | str) -> None:
+    console.print(f"wrote {', '.join(escape(str(p)) for p in paths)}")
+
+
+def data_summary(source: str, summary: Mapping[str, Any], class_names: Sequence[str]) -> None:
+    table = Table(title=f"Fashion-MNIST ({source})")
+    for column in ("split", "images", "labels (one-hot)", "pixel min", "pixel max"):
+        table.add_column(column, justify="right")
+    for split, row in summary.items():
+        table.add_row(
+            split, str(row.images_shape), str(row.targets_shape), f"{row.pixel_min:.1f}", f"{row.pixel_max:.1f}"
+        )
+    counts = Table(title="Images per class")
+    counts.add_column("class")
+    for split in summary:
+        counts.add_column(split, justify="right")
+    for i, name in enumerate(class_names):
+        counts.add_row(name, *(str(row.per_class[i]) for row in summary.values()))
+    console.print(table)
+    console.print(counts)
+
+
+def fit_summary(result: Any) -> None:
+    table = Table(title=f"Run {result.run_dir}", show_header=False)
+    table.add_row("best epoch", f"{result.best_epoch} of {result.epochs}")
+    table.add_row("best val accuracy", f"{result.best_val_acc:.4f}")
+    table.add_row("best checkpoint", str(result.best_checkpoint))
+    table.add_row("wall time", f"{result.wall_time_s:.1f} s")
+    table.add_row("training speed", f"{result.images_per_s:,.0f} images/s")
+    table.add_row("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MB")
+    if result.gpu_peak_mb is not None:
+        table.add_row("peak GPU memory (allocated)", f"{result.gpu_peak_mb:,.0f} MB")
+    console.print(table)
+
+
+def test_report(report: Mapping[str, Any], class_names: Sequence[str]) -> None:
+    """The classification report and confusion matrix of `fmnist test`."""
+    console.print(
+        f"test loss {report['loss']:.4f}   test accuracy {report['accuracy']:.4f}   ({report['num_samples']} images)"
+    )
+    table = Table(title="Classification report")
+    for column in ("", "precision", "recall", "f1-score", "support"):
+        table.add_column(column, justify="right")
+    for name, row in report["per_class"].items():
+        table.add_row(name, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    table.add_section()
+    table.add_row("accuracy", "", "", f"{report['accuracy']:.4f}", str(report["num_samples"]))
+    for key, label in (("macro_avg", "macro avg"), ("weighted_avg", "weighted avg")):
+        row = report[key]
+        table.add_row(label, f"{row['precision']:.4f}", f"{row['recall']:.4f}", f"{row['f1']:.4f}", str(row["support"]))
+    console.print(table)
+    confusion = Table(title="Confusion matrix (rows: true class, columns: predicted)")
+    confusion.add_column("")
+    for i in range(len(class_names)):
+        confusion.add_column(str(i), justify="right")
+    for i, (name, row) in enumerate(zip(class_names, report["confusion_matrix"])):
+        confusion.add_row(f"{i} {name}", *(str(v) for v in row))
+    console.print(confusion)
+
+
+def samples(picked: Mapping[str, list[int]], num: int, paths: Sequence[Path]) -> None:
+    for name, indices in picked.items():
+        console.print(f"{name} ({len(indices)}): {indices}")
+        if len(indices) < num:
+            console.print(f"  only {len(indices)} {name} predictions exist")
+    console.print(f"wrote {' and '.join(escape(str(p)) for p in paths)}")
+
+
+def compare(rows: Sequence[Mapping[str, Any]]) -> None:
+    table = Table(title="Dropout vs no dropout")
+    for column in ("model", "test acc", "test loss", "best epoch", "train-val acc gap (last epoch)"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row["model"],
+            f"{row['test_acc']:.4f}",
+            f"{row['test_loss']:.4f}",
+            str(row["best_epoch"]),
+            f"{row['gap']:+.4f}",
+        )
+    console.print(table)
+
+
+def bench(result: Mapping[str, Any]) -> None:
+    cfg, machine = result["config"], result["machine"]
+    rounds = cfg["repeats"]
+    title = (
+        f"{cfg['device']} ({machine.get('gpu') or machine['cpu']}, {machine['cpu_threads']} threads), "
+        f"{cfg['precision']}, batch {cfg['batch_size']}, {cfg['steps']} steps after {cfg['warmup_steps']} warm-up"
+        f"{f', mean +- std of {rounds} rounds' if rounds > 1 else ''}; "
+        f"torch {result['versions']['torch']}, lightning {result['versions']['lightning']}"
+    )
+    table = Table(title=title)
+    columns = (
+        "path",
+        "train img/s",
+        "warm-up s",
+        "epoch s",
+        "eval img/s",
+        "eval batch",
+        "eval engine",
+        "peak RSS MB",
+        "CUDA MB",
+    )
+    for column in columns:
+        table.add_column(column, justify="right")
+
+    def spread(mean: float, std: float) -> str:
+        return f"{mean:,.0f}" + (f" +- {std:,.0f}" if rounds > 1 else "")
+
+    for name, r in result["results"].items():
+        cuda = r["cuda_max_allocated_mb"]
+        table.add_row(
+            name,
+            spread(r["train_images_per_s"], r["train_images_per_s_std"]),
+            f"{r['warmup_s']:.1f}",
+            f"{r['epoch_s']:.1f}",
+            spread(r["eval_images_per_s"], r["eval_images_per_s_std"]),
+            str(r["eval_batch_size"]),
+            r["settings"].get("eval_engine", "torch"),
+            f"{r['peak_rss_mb']:,.0f}",
+            "-" if cuda is None else f"{cuda:,.0f}",
+        )
+    console.print(table)
+    for name, ratio in result["ratios"].items():
+        if rounds > 1:
+            per_round = ", ".join(f"{x:.2f}" for x in result["ratios_per_round"][name])
+            console.print(
+                f"{name}: {ratio:.2f}x +- {result['ratios_std'][name]:.2f}, median "
+                f"{result['ratios_median'][name]:.2f}x (rounds: {per_round})"
+            )
+        else:
+            console.print(f"{name}: {ratio:.2f}x")
+
+
+def predictions(rows: Sequence[tuple[str, list[tuple[str, float]]]]) -> None:
+    """One row per image: its file and its top 3 classes with their probabilities."""
+    table = Table(title="Predictions (top 3 classes with probability)")
+    for column in ("file", "1st", "2nd", "3rd"):
+        table.add_column(column)
+    for file, top in rows:
+        table.add_row(escape(file), *(f"{c} {v:.4f}" for c, v in top))
+    console.print(table)
+
+
+def export_summary(path: Path, fmt: str, result: Any, extra_hint: str, tolerance: float) -> None:
+    # ONNX tensors have names; a TorchScript module takes and returns plain tensors.
+    input_name, output_name = (" 'images'", " 'logits'") if fmt == "onnx" else ("", "")
+    console.print(f"wrote {escape(str(path))} ({fmt}, {path.stat().st_size / 1e6:.1f} MB)")
+    console.print(f"  input{input_name}: float (batch, 1, 28, 28) in [0, 1], any batch size")
+    console.print(f"  output{output_name}: float (batch, 10), the logits; softmax gives the class probabilities")
+    if result.max_abs_diff is None:
+        console.print(f"[yellow]not checked[/]: {result.runtime} is not installed ({escape(extra_hint)})")
+    else:
+        n = result.checked_images
+        console.print(f"checked against PyTorch with {result.runtime} on {n} test images (batches of 1 and {n}):")
+        console.print(f"  max |logit difference| {result.max_abs_diff:.2e} (tolerance {tolerance:g})")

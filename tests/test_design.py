@@ -1,0 +1,123 @@
+"""The package's shape: modules import only what lies below them, rendering needs no torch, one
+rank-zero rule for every launcher, and the settings validate themselves."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmnist_lightning.config import BenchConfig, Settings, resolve_settings
+from fmnist_lightning.errors import UsageError
+from fmnist_lightning.hardware import is_global_zero
+
+PACKAGE = Path(__file__).parent.parent / "fmnist_lightning"
+
+
+def _imports(path: Path) -> set[str]:
+    """The package modules a module imports, anywhere in it (also inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fmnist_lightning"):
+            if node.module == "fmnist_lightning":
+                found |= {a.name for a in node.names if (PACKAGE / f"{a.name}.py").exists()}
+            else:
+                found.add(node.module.split(".")[1])
+    return found - {path.stem}
+
+
+def test_no_import_cycles() -> None:
+    graph = {p.stem: _imports(p) for p in PACKAGE.glob("*.py")}
+    order: list[str] = []
+    visiting: list[str] = []
+
+    def visit(module: str) -> None:
+        if module in order:
+            return
+        assert module not in visiting, f"import cycle: {' -> '.join([*visiting, module])}"
+        visiting.append(module)
+        for dependency in sorted(graph.get(module, ())):
+            visit(dependency)
+        visiting.pop()
+        order.append(module)
+
+    for module in sorted(graph):
+        visit(module)
+    assert order.index("config") < order.index("training") < order.index("cli")
+
+
+def test_rendering_a_report_imports_neither_torch_nor_lightning(tmp_path: Path) -> None:
+    code = (
+        "import sys; from pathlib import Path; from fmnist_lightning import html_report, render, runs\n"
+        "html_report.stale_outputs(Path(sys.argv[1])); runs.read_metrics(Path(sys.argv[1]) / 'metrics.csv')\n"
+        "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+RANK_CASES = [
+    ({}, True),  # one process, no launcher
+    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"}, True),  # torchrun, node 0
+    ({"RANK": "3", "LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # torchrun, first process of node 1
+    ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, False),  # Lightning's launcher, second process
+    ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False),  # Lightning's launcher, node 1
+    ({"LOCAL_RANK": "0", "NODE_RANK": "0", "SLURM_PROCID": "0"}, True),  # Lightning's launcher in a batch step
+    ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),  # ... its child inherits SLURM_PROCID=0
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2"}, True),  # srun, task 0
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, False),  # srun, task 1
+    ({"NODE_RANK": "1"}, False),  # node 1 before a launcher started anything
+]
+
+
+@pytest.mark.parametrize(("env", "zero"), RANK_CASES, ids=[str(c[0]) for c in RANK_CASES])
+def test_rank_zero_under_every_launcher(env: dict[str, str], zero: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert is_global_zero() is zero
+
+
+def test_settings_name_the_key_the_rule_and_where_the_value_came_from(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("max-epochs: 0\nlr: 1e-3\n")  # dashes allowed; YAML 1.1 reads 1e-3 as text
+    with pytest.raises(UsageError, match=rf"^config file {config}: max_epochs must be at least 1, got 0$"):
+        resolve_settings(config)
+    s = resolve_settings(config, {"max_epochs": 3, "limit_train_batches": "10", "limit_val_batches": "0.5"})
+    assert (s.max_epochs, s.lr, s.limit_train_batches, s.limit_val_batches) == (3, 0.001, 10, 0.5)
+    with pytest.raises(UsageError, match=r"^dropout_conv must be in \[0, 1\), got 1.5 \(from --dropout-conv\)$"):
+        resolve_settings(config, {"max_epochs": 3, "dropout_conv": 1.5})
+    with pytest.raises(UsageError, match="setting 'dropout' must be of type bool, got 'yes'"):
+        resolve_settings(None, {"dropout": "yes"})  # strict: no guessing at booleans
+    with pytest.raises(UsageError, match="devices must be 'auto', a count >= 1 or a list"):
+        resolve_settings(None, {"devices": "0"})
+    assert resolve_settings(None, {"devices": 2}).devices == "2"  # YAML `devices: 2`
+
+
+def test_settings_are_frozen_values_with_one_set_of_defaults() -> None:
+    s = Settings()
+    with pytest.raises(ValueError):
+        s.lr = 1.0  # type: ignore[misc]
+    assert s.model_copy(update={"lr": 0.5}).lr == 0.5 and s.lr == 1e-3
+
+
+def test_bench_config_quick_and_epochs_set_the_steps() -> None:
+    assert (BenchConfig().steps, BenchConfig().warmup_steps) == (400, 20)
+    assert (BenchConfig(quick=True).steps, BenchConfig(quick=True).warmup_steps) == (40, 5)
+    assert BenchConfig(quick=True, steps=3).steps == 3
+    assert BenchConfig(epochs=1.0, batch_size=500).steps == 110 - 20
+    assert BenchConfig(paths="raw, fmnist-fast").paths == ("raw", "fmnist-fast")
+    with pytest.raises(ValueError):
+        BenchConfig(paths="raw,tensorflow")
+
+
+def test_data_dir_that_is_a_file_is_a_usage_error(cli, tmp_path: Path) -> None:
+    picture = tmp_path / "some.png"
+    picture.write_bytes(b"\x89PNG")
+    code, _, err = cli("data", "--data-dir", picture, "--out", tmp_path / "out")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "is a file, not a folder" in lines[0], err
