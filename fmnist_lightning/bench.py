@@ -101,31 +101,32 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 
 class _StepTimer(Callback):
-    """Times training steps after the warm-up, and the test epoch, with a device sync at each mark."""
+    """Times exactly `cfg.steps` training steps after `cfg.warmup_steps` untimed ones, over as many
+    epochs as that takes (then stops the fit), and the test epoch, with a device sync at each mark."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.warmup, self.total = cfg.warmup_steps, _total_steps(cfg)
         self.start = self.warm_end = self.end = 0.0
         self.steps = 0
         self.test_start = self.test_end = 0.0
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module.device)
         self.start = time.perf_counter()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if idx == self.warmup:
+        if self.steps == self.warmup:
             _sync(pl_module.device)
             self.warm_end = time.perf_counter()
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any, idx: int
     ) -> None:
-        self.steps = idx + 1
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync(pl_module.device)
-        self.end = time.perf_counter()
+        self.steps += 1
+        if self.steps == self.total:
+            _sync(pl_module.device)
+            self.end = time.perf_counter()
+            trainer.should_stop = True
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module.device)
@@ -136,8 +137,8 @@ class _StepTimer(Callback):
         self.test_end = time.perf_counter()
 
     def result(self, cfg: BenchConfig, eval_batch_size: int, device: torch.device) -> PathResult:
-        measured = self.steps - self.warmup
-        speed = measured * cfg.batch_size / (self.end - self.warm_end)
+        assert self.steps == self.total, f"measured {self.steps} steps, not {self.total}"
+        speed = cfg.steps * cfg.batch_size / (self.end - self.warm_end)
         return _result(
             speed, self.warm_end - self.start, 10000 / (self.test_end - self.test_start), eval_batch_size, device
         )
@@ -159,6 +160,14 @@ def _result(speed: float, warmup_s: float, eval_speed: float, eval_batch_size: i
 
 def _total_steps(cfg: BenchConfig) -> int:
     return cfg.warmup_steps + cfg.steps
+
+
+def _epochs_for(cfg: BenchConfig) -> tuple[int, int]:
+    """(full batches per epoch, epochs that hold the warm-up and measured steps). Only full
+    batches are trained: a partial last batch is a new shape, which `--compile` would recompile
+    for inside the timed window."""
+    batches = TRAIN_IMAGES // cfg.batch_size
+    return batches, -(-_total_steps(cfg) // batches)
 
 
 def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, device: torch.device) -> PathResult:
@@ -197,11 +206,17 @@ def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, device: torch.device
 
     test_images = dm.split("test")[0].to(device).unsqueeze(1).float().div_(255.0)
     net.eval()
-    with torch.inference_mode(), _autocast(device, cfg.precision):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def evaluate() -> None:
         for i in range(0, len(test_images), cfg.eval_batch_size):
             net(test_images[i : i + cfg.eval_batch_size].contiguous(memory_format=memory_format))
+
+    with torch.inference_mode(), _autocast(device, cfg.precision):
+        if cfg.compile:
+            evaluate()  # compiles every evaluation shape, untimed
+        _sync(device)
+        t0 = time.perf_counter()
+        evaluate()
         _sync(device)
         eval_speed = len(test_images) / (time.perf_counter() - t0)
     return _result(speed, warm - start, eval_speed, cfg.eval_batch_size, device)
@@ -222,8 +237,8 @@ def bench_fmnist(
         compile=cfg.compile,
         precision=cfg.precision,
         dropout=False,
-        max_epochs=1,
-        limit_train_batches=_total_steps(cfg),
+        max_epochs=_epochs_for(cfg)[1],
+        limit_train_batches=_epochs_for(cfg)[0],
         data_dir=cfg.data_dir,
         offline=True,
         seed=cfg.seed,
@@ -235,9 +250,11 @@ def bench_fmnist(
     L.seed_everything(cfg.seed, verbose=False)
     dm = FashionMNISTDataModule.from_settings(s)
     model = build_model(s, dm)
-    timer = _StepTimer(cfg.warmup_steps)
+    timer = _StepTimer(cfg)
     trainer = build_trainer(s, hw, workdir / name, extra_callbacks=[timer])
     trainer.fit(model, datamodule=dm)
+    if cfg.compile:
+        trainer.test(model, datamodule=dm, verbose=False)  # compiles the evaluation shapes, untimed
     setup_start = time.perf_counter()
     with evaluation_engine(model, s.eval_engine, hw):  # as `fmnist test --eval-engine` (an ONNX export)
         eval_setup_s = time.perf_counter() - setup_start
@@ -296,18 +313,21 @@ def bench_typical(cfg: BenchConfig, workdir: Path, root: Path) -> PathResult:
     model = _TypicalModule(cfg.channels_last)
     if cfg.compile:
         model.net.compile()
-    timer = _StepTimer(cfg.warmup_steps)
+    timer = _StepTimer(cfg)
     trainer = L.Trainer(
         accelerator="gpu" if cfg.device == "cuda" else "cpu",
         devices=1,
         precision=cfg.precision,  # type: ignore[arg-type]
-        max_epochs=1,
-        limit_train_batches=_total_steps(cfg),
+        max_epochs=_epochs_for(cfg)[1],
         callbacks=[timer],
         default_root_dir=str(workdir / "typical"),
     )
-    trainer.fit(model, DataLoader(train, batch_size=cfg.batch_size, shuffle=True))
-    trainer.test(model, DataLoader(test, batch_size=cfg.eval_batch_size), verbose=False)
+    # The official 60k training file: one epoch holds more than 55k images' worth of full batches.
+    trainer.fit(model, DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True))
+    test_loader = DataLoader(test, batch_size=cfg.eval_batch_size)
+    if cfg.compile:
+        trainer.test(model, test_loader, verbose=False)  # compiles the evaluation shapes, untimed
+    trainer.test(model, test_loader, verbose=False)
     return timer.result(cfg, cfg.eval_batch_size, trainer.strategy.root_device)
 
 

@@ -41,3 +41,15 @@ def test_summary_is_the_mean_with_the_spread_of_the_rounds() -> None:
     assert summary["train_images_per_s"] == 2000 and summary["eval_images_per_s"] == 3000
     assert summary["train_images_per_s_std"] == pytest.approx(1414.2136, rel=1e-6)
     assert summary["rounds"] == 2 and summary["peak_rss_mb"] == 100.0
+
+
+@pytest.mark.slow
+def test_steps_past_one_epoch_are_measured_exactly(real_data: None, cli, tmp_path) -> None:
+    """Batch 8192 gives 6 full batches an epoch: 7 steps span two epochs, and all are measured."""
+    import json
+
+    out = tmp_path / "bench.json"
+    args = ("--batch-size", "8192", "--steps", "6", "--warmup-steps", "1", "--eval-batch-size", "2500")
+    code, _, err = cli("bench", "--paths", "fmnist", *args, "--json", out)
+    assert code == 0, err
+    assert json.loads(out.read_text())["config"]["steps"] == 6  # the timer asserts it counted 1 + 6
