@@ -30,7 +30,7 @@ import typer
 from fmnist_lightning import __version__, render
 from fmnist_lightning.config import BenchConfig, Settings, StrictModel, from_options, option_name, resolve_settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted
-from fmnist_lightning.hardware import is_global_zero
+from fmnist_lightning.hardware import close_process_group, is_global_zero
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for
 
 app = typer.Typer(
@@ -225,6 +225,7 @@ def fit(
             render.fit_summary(result)
         if test:  # every rank: under DDP the test is distributed too
             _test(result.best_checkpoint, s, result.run_dir)
+        close_process_group()
 
 
 @app.command()
