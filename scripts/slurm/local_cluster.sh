@@ -115,21 +115,19 @@ start() {
   # munged, as user munge, with its own key.
   munge_dir=$(mktemp -d /tmp/fmnist-munge.XXXXXX)
   echo "$munge_dir" >"$dir/munge_dir"
-  chmod 0755 "$munge_dir"
+  chmod 0755 "$munge_dir"  # clients (root, and jobs' users) must reach the socket
   dd if=/dev/urandom of="$munge_dir/munge.key" bs=1024 count=1 status=none
   chmod 0400 "$munge_dir/munge.key"
   chown -R munge:munge "$munge_dir"
-  chmod 0700 "$munge_dir"
   runuser -u munge -- munged --force --key-file="$munge_dir/munge.key" --socket="$munge_dir/munge.socket" \
     --pid-file="$munge_dir/munged.pid" --log-file="$munge_dir/munged.log" --seed-file="$munge_dir/munged.seed" ||
     { echo "error: munged did not start" >&2; log_tails; stop; exit 1; }
-  chmod 0755 "$munge_dir"  # clients (root, and jobs' users) must reach the socket
 
   mkdir -p "$dir/state" "$dir/spool"
   cat >"$dir/slurm.conf" <<EOF
 # Written by scripts/slurm/local_cluster.sh: one node, this machine.
 ClusterName=fmnist-local
-SlurmctldHost=$host
+SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort=$ctld_port
@@ -154,7 +152,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=600
-NodeName=$host CPUs=$cpus RealMemory=1000 State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=1000 State=UNKNOWN
 PartitionName=local Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
   cat >"$dir/env" <<EOF
