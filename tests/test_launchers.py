@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.launch import TINY_FIT, free_port, launcher_env
+from tests.helpers import TINY_FIT, free_port, launcher_env
 
 FMNIST = ["-m", "fmnist_lightning"]
 TWO_NODES_CPU = ["--accelerator", "cpu", "--devices", "1", "--num-nodes", "2", "--strategy", "ddp"]
@@ -81,11 +81,12 @@ def _tails(logs: Path) -> str:
 
 def validation_accuracy(ckpt: Path) -> float:
     """The checkpoint's accuracy on all 5,000 validation images, computed here in one process."""
+    from fmnist_lightning.checkpoints import load_classifier
+    from fmnist_lightning.config import Settings
     from fmnist_lightning.data import FashionMNISTDataModule
-    from fmnist_lightning.evaluation import load_classifier
 
     model = load_classifier(ckpt)
-    images, labels = FashionMNISTDataModule(offline=True).split("val")
+    images, labels = FashionMNISTDataModule.from_settings(Settings(offline=True)).split("val")
     assert len(labels) == 5000
     with torch.inference_mode():
         predicted = torch.cat([model(x.unsqueeze(1).float() / 255.0).argmax(1) for x in images.split(250)])

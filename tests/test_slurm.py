@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.launch import ROOT, TINY_FIT, launcher_env
+from tests.helpers import ROOT, TINY_FIT, launcher_env
 
 CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.sh"
 TRAIN = ROOT / "scripts" / "slurm" / "train.sbatch"
