@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from fmnist_lightning.config import Settings
-from fmnist_lightning.data import SYSTEM_DATA_DIR, FashionMNISTDataModule, locate
+from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import DataError
+from fmnist_lightning.sources import SYSTEM_DATA_DIR, locate
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

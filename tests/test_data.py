@@ -10,17 +10,9 @@ import pytest
 import torch
 
 from fmnist_lightning.config import Settings
-from fmnist_lightning.data import (
-    FILES,
-    NUM_CLASSES,
-    SYSTEM_DATA_DIR,
-    Augment,
-    FashionMNISTDataModule,
-    TensorBatches,
-    load_fashion_mnist,
-    locate,
-)
+from fmnist_lightning.data import NUM_CLASSES, Augment, FashionMNISTDataModule, TensorBatches
 from fmnist_lightning.errors import DataError
+from fmnist_lightning.sources import FILES, SYSTEM_DATA_DIR, load_fashion_mnist, locate
 from tests.helpers import is_png
 
 
@@ -229,7 +221,7 @@ def test_cli_reports_corrupt_file_in_one_line(data_copy: Path, cli) -> None:
 
 
 def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
-    from fmnist_lightning.data import _download
+    from fmnist_lightning.sources import _download
 
     file = tmp_path / "afile"
     file.write_text("x")

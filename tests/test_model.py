@@ -12,7 +12,8 @@ from torch import nn
 from fmnist_lightning.checkpoints import load_classifier, read_checkpoint
 from fmnist_lightning.data import CLASS_NAMES
 from fmnist_lightning.errors import CheckpointError
-from fmnist_lightning.model import ConvNet, FashionClassifier, build_network
+from fmnist_lightning.model import FashionClassifier
+from fmnist_lightning.networks import ConvNet, build_network
 from tests.helpers import classifier
 
 
@@ -61,7 +62,7 @@ def test_dropout_switch() -> None:
 
 @pytest.mark.parametrize("p", [0.25, 0.3])
 def test_cpu_dropout_keeps_1_minus_p_scales_the_kept_and_is_identity_in_eval(p: float) -> None:
-    from fmnist_lightning.model import Dropout
+    from fmnist_lightning.networks import Dropout
 
     torch.manual_seed(0)
     drop = Dropout(p)
