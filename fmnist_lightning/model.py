@@ -267,16 +267,30 @@ class FashionClassifier(L.LightningModule):
         # draws its own dropout masks, so every rank's state is kept (gathered to all ranks: each
         # rank calls this hook, only rank 0 writes the file).
         checkpoint["rng_states"] = _gather_objects(_rng_state(self.device))
+        # The running train metrics of an epoch cut short are each rank's own partial sums, and
+        # only rank 0's state_dict is written: keep their sum over ranks, which rank 0 alone
+        # takes back on resume (see on_load_checkpoint), so the epoch's totals come out whole.
+        state = checkpoint["state_dict"]
+        for key in _train_metric_states(state):
+            state[key] = self.trainer.strategy.reduce(state[key].clone(), reduce_op="sum")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("rng_states")
         rank = self.global_rank if self._trainer is not None else 0
+        if rank != 0:  # rank 0 resumes the summed partial train metrics; the others start at zero
+            state = checkpoint["state_dict"]
+            for key in _train_metric_states(state):
+                state[key] = torch.zeros_like(state[key])
+        states = checkpoint.get("rng_states")
         if not isinstance(states, list) or rank >= len(states):
             return  # another number of processes: each rank keeps its fresh seed + rank stream
         own = states[rank]
         torch.set_rng_state(own["torch"])
         if "cuda" in own and self.device.type == "cuda":
             torch.cuda.set_rng_state(own["cuda"], self.device)
+
+
+def _train_metric_states(state_dict: dict[str, Any]) -> list[str]:
+    return [key for key in state_dict if key.startswith(("train_loss.", "train_acc."))]
 
 
 def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:

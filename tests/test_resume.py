@@ -186,3 +186,55 @@ def test_ctrl_c_in_the_cli_saves_and_prints_the_resume_command(real_data: None, 
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert len(_metrics(run)) == 1
+
+
+DDP_FIT = ["-m", "fmnist_lightning", "fit", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+           "--max-epochs", "2", "--batch-size", "64", "--limit-train-batches", "30", "--limit-val-batches", "2",
+           "--augment", "--random-erasing", "0.3", "--seed", "11", "--deterministic", "--offline", "--no-progress",
+           "--checkpoint-every-n-steps", "0"]  # fmt: skip
+
+
+def _ddp_fit(run: Path, *extra: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "PYTHONUNBUFFERED": "1", "COLUMNS": "300"}
+    for name in ("FMNIST_RUN_DIR", "TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
+        env.pop(name, None)
+    args = [sys.executable, *DDP_FIT, "--out", str(run), *extra]
+    # Its own process group, as a terminal's: Ctrl-C reaches both processes of Lightning's launcher.
+    return subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_ddp_run_interrupted_and_resumed_equals_uninterrupted(real_data: None, tmp_path: Path) -> None:
+    """Two gloo processes with dropout and augmentation, Ctrl-C in the second epoch, then --resume:
+    each rank's RNG stream and data position are restored, so the metrics are the uninterrupted run's."""
+    cut = _ddp_fit(tmp_path / "cut")
+    deadline = time.monotonic() + 300
+    while not (tmp_path / "cut" / "metrics.csv").exists() and cut.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # epoch 1 is done; epoch 2 has 30 steps to go
+    time.sleep(0.5)
+    os.killpg(cut.pid, signal.SIGINT)
+    _, err = cut.communicate(timeout=300)
+    assert cut.returncode == 130 and "Continue with: fmnist fit --out" in err, err[-3000:]
+    assert 30 < torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 60
+    resumed = _ddp_fit(tmp_path / "cut", "--resume")
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    straight = _ddp_fit(tmp_path / "straight")
+    _, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err[-3000:]
+    assert [r["epoch"] for r in _metrics(tmp_path / "cut")] == [1.0, 2.0]
+    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "straight")
+    for name, tensor in _weights(tmp_path / "straight").items():
+        assert torch.equal(tensor, _weights(tmp_path / "cut")[name]), name
+
+
+def test_ranks_draw_different_augmentations() -> None:
+    from fmnist_lightning.data import Augment, TensorBatches
+
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(64) % 10
+    augment = Augment(translate=2, hflip=True, erase_p=0.5)
+    same = torch.arange(32)
+    batches = [TensorBatches(images, labels, 32, seed=1, rank=r, world_size=2, augment=augment) for r in (0, 1)]
+    first, second = (b.make_batch(same, batch_number=1).images for b in batches)
+    assert not torch.equal(first, second)  # the same images, augmented differently on each rank
