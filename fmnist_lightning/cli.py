@@ -29,7 +29,7 @@ import typer
 
 from fmnist_lightning import __version__, render
 from fmnist_lightning.config import BenchConfig, Settings, StrictModel, from_options, option_name, resolve_settings
-from fmnist_lightning.errors import FmnistError, TrainingInterrupted
+from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import is_global_zero
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for
 
@@ -220,6 +220,8 @@ def fit(
         from fmnist_lightning.training import fit_settings, run_fit
 
         s = fit_settings(config, given, out, resume)
+        if test and s.fast_dev_run:
+            raise UsageError("--fast-dev-run already tests one batch and keeps no checkpoint; drop --test")
         result = run_fit(s, out=out, resume=resume, overwrite=overwrite)
         if result.is_global_zero:
             render.fit_summary(result)

@@ -36,6 +36,7 @@ CORRECT_SAMPLES = "correct.png"
 INCORRECT_SAMPLES = "incorrect.png"
 HTML_REPORT = "report.html"
 TENSORBOARD_DIR = "tensorboard"
+PROFILE = "profile"  # Lightning's profilers name their reports fit-profile.txt and the like
 LOCK = ".lock"
 
 FIT_FILES = (CONFIG, METRICS, CURVES)  # written by `fmnist fit`, besides its checkpoints
@@ -137,6 +138,8 @@ def remove_run_files(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     for name in RUN_FOLDERS:
         shutil.rmtree(run_dir / name, ignore_errors=True)
+    for path in run_dir.glob(f"*-{PROFILE}*"):  # the profiler's reports (names vary by profiler)
+        path.unlink()
 
 
 def remove_unstarted(run_dir: Path, existed: set[str] | None) -> None:
