@@ -35,8 +35,8 @@ from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for
 
 app = typer.Typer(
     name="fmnist",
-    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, test, predict-samples, compare, "
-    "bench, predict, export, report.",
+    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, test, predict-samples, "
+    "compare, bench, predict, export, report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -227,6 +227,31 @@ def fit(
             render.fit_summary(result)
         if test:  # every rank: under DDP the test is distributed too
             _test(result.best_checkpoint, s, result.run_dir)
+
+
+@app.command("lr-find")
+@with_options(Settings, ALL_SETTINGS)
+def lr_find(
+    given: dict[str, Any],
+    config: ConfigOption = None,
+    out: Annotated[Path, typer.Option(help="Where to write lr_find.png.")] = Path("runs/lr-find"),
+    steps: Annotated[
+        int, typer.Option(min=2, help="Optimiser steps of the range test (one learning rate each).")
+    ] = 100,
+    min_lr: Annotated[float, typer.Option(help="Learning rate of the first step.")] = 1e-8,
+    max_lr: Annotated[float, typer.Option(help="Learning rate of the last step.")] = 1.0,
+) -> None:
+    """Find a learning rate: Lightning's range test on the settings `fit` would use (all its options).
+
+    Trains --steps steps with the learning rate growing from --min-lr to --max-lr, plots the loss
+    against it (lr_find.png, the suggestion marked) and prints the `fmnist fit` line that uses it.
+    """
+    with user_errors():
+        from fmnist_lightning.lr_find import fit_command, format_lr, run_lr_find
+
+        result = run_lr_find(resolve_settings(config, given), out, steps, min_lr, max_lr)
+        render.lr_find(format_lr(result.suggestion), result.steps, fit_command(config, given, result.suggestion))
+        render.wrote(result.plot)
 
 
 @app.command()

@@ -80,3 +80,20 @@ def plot_confusion_matrix(confusion: list[list[int]], path: Path) -> None:
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title("Confusion matrix (test set)")
     _save(fig, path)
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None, path: Path) -> None:
+    """The learning-rate range test: smoothed training loss against the learning rate (log scale),
+    the suggested rate marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, "-", label="training loss (smoothed)")
+    if suggestion is not None:
+        i = min(range(len(lrs)), key=lambda k: abs(lrs[k] - suggestion))
+        ax.plot(lrs[i], losses[i], "o", color="red", markersize=9, label=f"suggestion: {suggestion:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.set_title("Learning-rate range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    _save(fig, path)

@@ -68,6 +68,11 @@ def fit_summary(result: Any) -> None:
     console.print(table)
 
 
+def lr_find(suggestion: str, steps: int, command: str) -> None:
+    console.print(f"suggested learning rate: {suggestion} (range test of {steps} steps)")
+    console.print(f"train with it: {escape(command)}", soft_wrap=True)
+
+
 def test_report(report: Mapping[str, Any], class_names: Sequence[str]) -> None:
     """The classification report and confusion matrix of `fmnist test`."""
     console.print(

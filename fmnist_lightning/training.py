@@ -247,7 +247,15 @@ def _train(
     model = build_model(s, datamodule)
     trainer = build_trainer(s, hw, run_dir, extra_callbacks)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except ValueError as exc:
+        if "`val_check_interval`" not in str(exc):  # Lightning can only check this once it has the data
+            raise
+        raise UsageError(
+            f"--val-check-interval {s.val_check_interval} is more batches than an epoch has; give a fraction "
+            "(0.5) or a smaller count"
+        ) from None
     if s.fast_dev_run:  # one batch of the test split too
         trainer.test(model, datamodule=datamodule, verbose=False)
     wall = time.perf_counter() - start

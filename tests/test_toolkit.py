@@ -19,6 +19,7 @@ from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import NonFiniteLoss
 from fmnist_lightning.hardware import hardware_for
 from fmnist_lightning.training import build_trainer, run_fit
+from tests.helpers import is_png
 
 TINY = dict(max_epochs=1, limit_train_batches=4, limit_val_batches=1, offline=True, progress=False, accelerator="cpu")
 TINY_CLI = [
@@ -99,6 +100,12 @@ def test_bad_values_are_one_line_usage_errors(cli) -> None:
     assert code == 2 and "'train/loss' is not one of 'val/acc', 'val/loss'" in err
     code, _, err = cli("fit", "--accumulate-grad-batches", "0")
     assert code == 2 and "accumulate_grad_batches must be at least 1" in err
+
+
+def test_validation_interval_beyond_the_epoch_is_a_usage_error(real_data: None, cli, tmp_path: Path) -> None:
+    code, _, err = cli("fit", *TINY_CLI, "--max-epochs", "1", "--val-check-interval", "100", "--out", tmp_path / "r")
+    assert code == 2 and "error: --val-check-interval 100 is more batches than an epoch has" in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_early_stopping_stops_a_real_run(real_data: None, cli, tmp_path: Path) -> None:
@@ -232,3 +239,18 @@ def test_a_diverging_learning_rate_is_one_line_and_exit_1(real_data: None, cli, 
     if last.exists():
         state = torch.load(last, weights_only=True)["state_dict"]
         assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_lr_find_plots_and_suggests_a_rate(real_data: None, cli, tmp_path: Path) -> None:
+    out = tmp_path / "lr"
+    code, stdout, err = cli(
+        "lr-find", "--offline", "--accelerator", "cpu", "--no-progress", "--steps", "10", "--no-dropout", "--out", out
+    )
+    assert code == 0, err
+    assert is_png(out / "lr_find.png")
+    suggestion = stdout.split("suggested learning rate: ")[1].split()[0]
+    assert 1e-8 <= float(suggestion) <= 1.0
+    assert (
+        f"train with it: fmnist fit --no-dropout --offline --accelerator cpu --no-progress --lr {suggestion}" in stdout
+    )
+    assert "Finding best initial lr" not in err  # --no-progress hides the range test's own bar too
