@@ -254,3 +254,22 @@ def test_lr_find_plots_and_suggests_a_rate(real_data: None, cli, tmp_path: Path)
         f"train with it: fmnist fit --no-dropout --offline --accelerator cpu --no-progress --lr {suggestion}" in stdout
     )
     assert "Finding best initial lr" not in err  # --no-progress hides the range test's own bar too
+
+
+def test_sample_grid_titles_overlap_nothing() -> None:
+    import matplotlib.pyplot as plt
+
+    from fmnist_lightning.data import CLASS_NAMES
+    from fmnist_lightning.plots import image_grid_figure
+
+    # The widest titles write_sample_grids can make, on every image of a 3 x 5 grid.
+    longest = max(CLASS_NAMES, key=len)
+    fig = image_grid_figure(torch.rand(15, 1, 28, 28), [f"Predicted {longest}\nClass {longest}"] * 15)
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    boxes = [ax.title.get_window_extent(renderer) for ax in fig.axes] + [
+        ax.images[0].get_window_extent(renderer) for ax in fig.axes
+    ]
+    plt.close(fig)
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert not a.overlaps(b), (a, b)
