@@ -98,8 +98,8 @@ def read_grayscale(path: Path) -> np.ndarray:
         raise ImageError(f"{path}: not an image (Pillow cannot identify it)") from None
     except Image.DecompressionBombError:  # Pillow refuses to open it at all (over 179 megapixels)
         raise ImageError(
-            f"{path}: more than {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels; this tool reads at most "
-            f"{MAX_MEGAPIXELS}; scale it down first"
+            f"{path}: far more than the {MAX_MEGAPIXELS} megapixels this tool reads (Pillow refuses to open it); "
+            "scale it down first"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: unreadable image ({exc})") from None
