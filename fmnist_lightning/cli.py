@@ -31,7 +31,7 @@ from fmnist_lightning import __version__, render
 from fmnist_lightning.config import BenchConfig, Settings, StrictModel, from_options, option_name, resolve_settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import is_global_zero
-from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for
+from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_checkpoint
 
 app = typer.Typer(
     name="fmnist",
@@ -175,6 +175,10 @@ OutOption = Annotated[
     Optional[Path], typer.Option("--out", help="Output folder. Default: the checkpoint's run folder.")
 ]
 CkptOption = Annotated[Path, typer.Option("--ckpt", help="Checkpoint file, e.g. runs/001/checkpoints/best.ckpt.")]
+NewestCkptOption = Annotated[
+    Optional[Path],
+    typer.Option("--ckpt", help="Checkpoint file. Default: the newest run's best.ckpt in runs/.", show_default=False),
+]
 ConfigOption = Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")]
 ALL_SETTINGS = tuple(Settings.model_fields)
 
@@ -256,10 +260,20 @@ def lr_find(
 
 @app.command()
 @with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
-def test(given: dict[str, Any], ckpt: CkptOption, out: OutOption = None) -> None:
+def test(given: dict[str, Any], ckpt: NewestCkptOption = None, out: OutOption = None) -> None:
     """Evaluate a checkpoint on the 10,000 test images: loss, accuracy, classification report."""
     with user_errors():
+        ckpt = _checkpoint(ckpt)
         _test(ckpt, resolve_settings(None, given), out or default_out_for(ckpt))
+
+
+def _checkpoint(ckpt: Path | None) -> Path:
+    """--ckpt, or the newest run's best checkpoint (said so)."""
+    if ckpt is not None:
+        return ckpt
+    newest = newest_checkpoint()
+    render.using_checkpoint(newest)
+    return newest
 
 
 def _test(ckpt: Path, s: Settings, out: Path) -> None:
@@ -278,7 +292,7 @@ def _test(ckpt: Path, s: Settings, out: Path) -> None:
 @with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
 def predict_samples(
     given: dict[str, Any],
-    ckpt: CkptOption,
+    ckpt: NewestCkptOption = None,
     num: Annotated[int, typer.Option(help="How many correct and how many incorrect images to show (1-100).")] = 9,
     out: OutOption = None,
 ) -> None:
@@ -286,6 +300,7 @@ def predict_samples(
     with user_errors():
         from fmnist_lightning.evaluation import predict_samples as run_predict_samples
 
+        ckpt = _checkpoint(ckpt)
         out = out or default_out_for(ckpt)
         picked = run_predict_samples(ckpt, resolve_settings(None, given), num, out)
         if picked is not None:

@@ -28,6 +28,10 @@ def wrote(*paths: Path | str) -> None:
     console.print(f"wrote {', '.join(escape(str(p)) for p in paths)}")
 
 
+def using_checkpoint(path: Path) -> None:
+    console.print(f"using {escape(str(path))} (the newest run's best checkpoint; --ckpt chooses another)")
+
+
 def data_summary(source: str, summary: Mapping[str, Any], class_names: Sequence[str]) -> None:
     table = Table(title=f"Fashion-MNIST ({source})")
     for column in ("split", "images", "labels (one-hot)", "pixel min", "pixel max"):

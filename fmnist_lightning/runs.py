@@ -188,6 +188,15 @@ def default_out_for(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
 
 
+def newest_checkpoint(root: Path = RUNS_ROOT) -> Path:
+    """The best.ckpt of the newest run under `root` (newest by that file's modification time), for
+    commands given no --ckpt."""
+    found = [p for p in root.glob(f"**/{BEST_CHECKPOINT}") if p.is_file()] if root.is_dir() else []
+    if not found:
+        raise UsageError(f"no trained run under {root}/: train one first (fmnist fit), or pass --ckpt")
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
 def read_metrics(path: Path) -> list[dict[str, float]]:
     """The rows of a run's metrics.csv as floats (empty cells dropped)."""
     if not path.exists():
