@@ -139,8 +139,10 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
         checkpoint,
         SaveConfig(run_dir / CONFIG, s),
         EpochMetricsCSV(run_dir / METRICS),
-        GracefulInterrupt(run_dir / LAST_CHECKPOINT),
+        # Before GracefulInterrupt: a step's update of the averaged weights must be in the
+        # checkpoint that a signal saves at the end of that step.
         *training_callbacks(s, run_dir),
+        GracefulInterrupt(run_dir / LAST_CHECKPOINT),
     ]
     if s.progress:
         callbacks.append(RichProgressBar(refresh_rate=10, leave=True))
