@@ -170,7 +170,9 @@ class Settings(StrictModel):
         False, description="Smoke test: one batch of each split, no files kept (no run folder is left behind)."
     )
     overfit_batches: BatchLimit = Field(
-        0.0, description="Train and validate on the same few batches (a count, or a fraction; 0: off): a sanity check."
+        0.0,
+        description="Sanity check: train on the same N batches every epoch, validate on N (a count, or a fraction; "
+        "0: off).",
     )
 
     @field_validator("limit_train_batches", "limit_val_batches", "val_check_interval")
