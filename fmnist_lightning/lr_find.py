@@ -77,13 +77,15 @@ def run_lr_find(s: Settings, out: Path, steps: int = 100, min_lr: float = 1e-8, 
             )
     assert finder is not None  # None only under fast_dev_run, refused above
     lrs, losses = finder.results["lr"], finder.results["loss"]
-    # Lightning skips the first 10 points by default (the loss is still settling there); a short
-    # test has fewer to spare.
-    suggestion = finder.suggestion(skip_begin=min(10, len(lrs) // 10), skip_end=1)
+    # Lightning skips the first 10 points by default: the smoothed loss is still biased low there
+    # (its bias correction is one step ahead). A short test has fewer to spare. The plot shows the
+    # points the suggestion considers.
+    skip = min(10, len(lrs) // 10)
+    suggestion = finder.suggestion(skip_begin=skip, skip_end=1)
     if trainer.is_global_zero:
         from fmnist_lightning.plots import plot_lr_find
 
-        plot_lr_find(lrs, losses, suggestion, out / LR_FIND_PLOT)
+        plot_lr_find(lrs[skip:-1], losses[skip:-1], suggestion, out / LR_FIND_PLOT)
     if suggestion is None:
         raise FmnistError(
             f"no learning rate to suggest: {len(lrs)} points are too few or the loss never fell (see "
