@@ -38,14 +38,17 @@ class EpochMetricsCSV(Callback):
         self._start = self._val_start = 0.0
         self._val_time = 0.0
         self._images = 0
+        self._validated = False  # this epoch (--check-val-every-n-epoch skips some)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed mid-epoch skips on_train_epoch_start for that epoch: time it from here.
         self._start, self._val_time, self._images = time.perf_counter(), 0.0, 0
+        self._validated = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module)
         self._start, self._val_time, self._images = time.perf_counter(), 0.0, 0
+        self._validated = False
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
@@ -63,6 +66,7 @@ class EpochMetricsCSV(Callback):
         if trainer.state.fn == TrainerFn.FITTING:
             _sync(pl_module)
             self._val_time += time.perf_counter() - self._val_start
+            self._validated = True
 
     def epoch_times(self) -> tuple[float, float]:
         """(training seconds, validation seconds) of the epoch so far."""
@@ -73,7 +77,12 @@ class EpochMetricsCSV(Callback):
         train_time, _ = self.epoch_times()
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in METRIC_COLUMNS}
+        # Lightning keeps the last validation's metrics: an epoch without validation must not repeat them.
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k in METRIC_COLUMNS and (self._validated or not k.startswith("val/"))
+        }
         on_gpu = pl_module.device.type == "cuda"
         row: dict[str, Any] = {
             **metrics,

@@ -287,5 +287,9 @@ def _train(
 
 
 def _stopped_early_after(trainer: L.Trainer) -> int | None:
+    """Epochs trained when early stopping ended the run before --max-epochs, else None.
+    (EarlyStopping's own `stopped_epoch` is 0 both when it never stopped and when it stopped in
+    the first epoch.)"""
     stopper = trainer.early_stopping_callback
-    return trainer.current_epoch if stopper is not None and stopper.stopped_epoch else None
+    stopped = stopper is not None and stopper.wait_count >= stopper.patience
+    return trainer.current_epoch if stopped and trainer.current_epoch < (trainer.max_epochs or 0) else None

@@ -18,6 +18,7 @@ from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import NonFiniteLoss
 from fmnist_lightning.hardware import hardware_for
+from fmnist_lightning.runs import read_metrics
 from fmnist_lightning.training import build_trainer, run_fit
 from tests.helpers import is_png
 
@@ -119,6 +120,22 @@ def test_early_stopping_stops_a_real_run(real_data: None, cli, tmp_path: Path) -
     assert "stopped early" in stdout and "after epoch 2" in stdout
     assert len((out / "metrics.csv").read_text().splitlines()) == 1 + 2
     assert (out / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_early_stopping_counts_validations_within_an_epoch(real_data: None, tmp_path: Path) -> None:
+    # Two validations per epoch: the second already fails to improve by a whole point.
+    s = Settings(
+        **{**TINY, "max_epochs": 3}, val_check_interval=0.5, early_stopping_patience=1, early_stopping_min_delta=1
+    )
+    result = run_fit(s, out=tmp_path / "run")
+    assert result.stopped_early_after == 1 and result.epochs == 1
+
+
+def test_epochs_without_validation_record_no_validation_metrics(real_data: None, tmp_path: Path) -> None:
+    result = run_fit(Settings(**{**TINY, "max_epochs": 3}, check_val_every_n_epoch=2), out=tmp_path / "run")
+    rows = read_metrics(result.run_dir / "metrics.csv")
+    assert ["val/acc" in row for row in rows] == [False, True, False]  # not epoch 2's repeated
+    assert result.best_epoch == 2
 
 
 class RecordWeights(Callback):
