@@ -138,8 +138,13 @@ def remove_run_files(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
     for name in RUN_FOLDERS:
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    for path in run_dir.glob(f"*-{PROFILE}*"):  # the profiler's reports (names vary by profiler)
+    for path in profile_reports(run_dir):
         path.unlink()
+
+
+def profile_reports(run_dir: Path) -> tuple[Path, ...]:
+    """What --profiler wrote: fit-profile.txt, and Chrome traces named by the profiled action."""
+    return tuple(sorted(run_dir.glob(f"*-{PROFILE}*")))
 
 
 def remove_unstarted(run_dir: Path, existed: set[str] | None) -> None:

@@ -41,6 +41,7 @@ from fmnist_lightning.runs import (
     TENSORBOARD_DIR,
     claimed_run_dir,
     prepare_run_dir,
+    profile_reports,
     read_metrics,
     remove_run_files,
     remove_unstarted,
@@ -66,7 +67,7 @@ def _logger(run_dir: Path) -> object:
 
 
 def trainer_options(s: Settings, run_dir: Path) -> dict[str, Any]:
-    """The Trainer arguments that settings map onto one to one (shared by `fit` and `lr-find`)."""
+    """The Trainer arguments that settings map onto one to one."""
     return dict(
         gradient_clip_val=s.gradient_clip_val or None,  # 0 means off, which Lightning spells None
         gradient_clip_algorithm=s.gradient_clip_algorithm,
@@ -281,7 +282,7 @@ def _train(
         gpu_peak_mb=max(gpu) if gpu else None,
         is_global_zero=trainer.is_global_zero,
         stopped_early_after=_stopped_early_after(trainer),
-        profiles=tuple(sorted(run_dir.glob(f"*{PROFILE}*"))),
+        profiles=profile_reports(run_dir),
         fast_dev_run=s.fast_dev_run,
     )
 

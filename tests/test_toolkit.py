@@ -208,6 +208,9 @@ def test_profiler_report_is_in_the_run_folder_and_named(real_data: None, cli, tm
     assert code == 0, err
     assert (out / "fit-profile.txt").is_file() and "run_training_epoch" in (out / "fit-profile.txt").read_text()
     assert str(out / "fit-profile.txt") in stdout.replace("\n", "")
+    code, _, err = cli("fit", *TINY_CLI, "--max-epochs", "1", "--out", out, "--overwrite")
+    assert code == 0, err
+    assert not (out / "fit-profile.txt").exists()  # --overwrite removes the old run's report too
 
 
 def test_overfit_batches_trains_on_the_same_batches(real_data: None, tmp_path: Path) -> None:
