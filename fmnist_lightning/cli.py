@@ -30,8 +30,8 @@ import typer
 from fmnist_lightning import __version__, render
 from fmnist_lightning.config import BenchConfig, Settings, StrictModel, from_options, option_name, resolve_settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
-from fmnist_lightning.hardware import is_global_zero
-from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_checkpoint
+from fmnist_lightning.hardware import close_process_group, is_global_zero
+from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
 
 app = typer.Typer(
     name="fmnist",
@@ -231,6 +231,7 @@ def fit(
             render.fit_summary(result)
         if test:  # every rank: under DDP the test is distributed too
             _test(result.best_checkpoint, s, result.run_dir)
+        close_process_group()
 
 
 @app.command("lr-find")
@@ -271,7 +272,7 @@ def _checkpoint(ckpt: Path | None) -> Path:
     """--ckpt, or the newest run's best checkpoint (said so)."""
     if ckpt is not None:
         return ckpt
-    newest = newest_checkpoint()
+    newest = newest_best_checkpoint()
     render.using_checkpoint(newest)
     return newest
 

@@ -129,6 +129,12 @@ class Settings(StrictModel):
         1.0, description="Lightning's meaning: a fraction (0.5) or a count (10) of batches."
     )
     progress: bool = Field(True, description="Show a progress bar.")
+    checkpoint_every_n_steps: int = Field(
+        200,
+        ge=0,
+        description="Also save checkpoints/last.ckpt every N optimiser steps (0: at epoch ends only), so a "
+        "killed process loses at most N steps; a restarted torchrun or requeued SLURM job resumes from it.",
+    )
     # Training tricks: each maps onto a Lightning callback or Trainer argument (training.py).
     early_stopping_patience: int = Field(
         0, ge=0, description="Stop after this many validations without improvement (0: off). best.ckpt stays the best."

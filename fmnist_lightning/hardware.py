@@ -43,6 +43,13 @@ def is_global_zero() -> bool:
     return int(env.get("NODE_RANK", "0")) == 0
 
 
+def launcher_restarts() -> int:
+    """How many times the launcher has restarted this job: torchrun's --max-restarts, or a SLURM
+    requeue (preemption, `scontrol requeue`). 0 for a first start or without such a launcher."""
+    env = os.environ
+    return int(env.get("TORCHELASTIC_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or 0)
+
+
 @dataclass(frozen=True)
 class Hardware:
     accelerator: str
@@ -126,3 +133,12 @@ def resolve_hardware(
 
 def hardware_for(s: Settings) -> Hardware:
     return resolve_hardware(s.accelerator, s.devices, s.strategy, s.precision, s.num_nodes, s.gpus)
+
+
+def close_process_group() -> None:
+    """Shut the process group down when a command is done on every rank. Lightning leaves it up;
+    gloo's threads still running at interpreter exit can abort a process ("terminate called
+    without an active exception"), which torchrun takes for a failed rank."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

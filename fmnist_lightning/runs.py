@@ -43,6 +43,7 @@ FIT_FILES = (CONFIG, METRICS, CURVES)  # written by `fmnist fit`, besides its ch
 TEST_FILES = (TEST_REPORT, PREDICTIONS, CONFUSION_MATRIX)  # written by `fmnist test`
 SAMPLE_FILES = (CORRECT_SAMPLES, INCORRECT_SAMPLES)  # written by `fmnist predict-samples`
 RUN_FILES = (*FIT_FILES, BEST_CHECKPOINT, LAST_CHECKPOINT, *TEST_FILES, *SAMPLE_FILES, HTML_REPORT)
+RUN_FILE_PATTERNS = ("hpc_ckpt_*.ckpt",)  # Lightning's SLURM requeue checkpoints
 RUN_FOLDERS = (TENSORBOARD_DIR,)
 
 METRIC_COLUMNS = (
@@ -136,6 +137,9 @@ def remove_run_files(run_dir: Path) -> None:
     """What --overwrite deletes: the files a previous run wrote, nothing the user put there."""
     for name in RUN_FILES:
         (run_dir / name).unlink(missing_ok=True)
+    for pattern in RUN_FILE_PATTERNS:
+        for path in run_dir.glob(pattern):
+            path.unlink()
     for name in RUN_FOLDERS:
         shutil.rmtree(run_dir / name, ignore_errors=True)
     for path in profile_reports(run_dir):
@@ -176,6 +180,13 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         lock.release()
 
 
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """What a restarted job resumes from: the newer of last.ckpt and the checkpoint Lightning's
+    SLURM plugin saves before a requeue (`hpc_ckpt_N.ckpt` in the run folder), if any."""
+    candidates = [p for p in (run_dir / LAST_CHECKPOINT, *run_dir.glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def check_output_dir(out: Path) -> None:
     """Fail in a second, before any long computation, when `out` could not be created or written.
     (Nothing is created here: a command that fails later leaves no empty folder behind.)"""
@@ -193,7 +204,7 @@ def default_out_for(ckpt: Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
 
 
-def newest_checkpoint(root: Path = RUNS_ROOT) -> Path:
+def newest_best_checkpoint(root: Path = RUNS_ROOT) -> Path:
     """The best.ckpt of the newest run under `root` (newest by that file's modification time), for
     commands given no --ckpt."""
     found = [p for p in root.glob(f"**/{BEST_CHECKPOINT}") if p.is_file()] if root.is_dir() else []

@@ -6,6 +6,7 @@ prepares it; the other ranks use it), seed, build, fit, and summarise from `metr
 
 from __future__ import annotations
 
+import logging
 import tempfile
 import time
 import warnings
@@ -28,7 +29,7 @@ from fmnist_lightning.checkpoints import AtomicCheckpointIO, checkpoint_epoch
 from fmnist_lightning.config import Settings, load_yaml, resolve_settings
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UsageError
-from fmnist_lightning.hardware import Hardware, hardware_for, is_global_zero
+from fmnist_lightning.hardware import Hardware, hardware_for, is_global_zero, launcher_restarts
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import (
     BEST_CHECKPOINT,
@@ -40,6 +41,7 @@ from fmnist_lightning.runs import (
     PROFILE,
     TENSORBOARD_DIR,
     claimed_run_dir,
+    newest_checkpoint,
     prepare_run_dir,
     profile_reports,
     read_metrics,
@@ -47,6 +49,8 @@ from fmnist_lightning.runs import (
     remove_unstarted,
     run_lock,
 )
+
+log = logging.getLogger(__name__)
 
 
 def build_model(s: Settings, datamodule: FashionMNISTDataModule) -> FashionClassifier:
@@ -138,6 +142,7 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
     callbacks: list[Callback] = [
         SeedRanks(s.seed),
         checkpoint,
+        *_periodic_last(s, run_dir),
         SaveConfig(run_dir / CONFIG, s),
         EpochMetricsCSV(run_dir / METRICS),
         # Before GracefulInterrupt: a step's update of the averaged weights must be in the
@@ -164,6 +169,23 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
         use_distributed_sampler=False,  # our batches are sharded by the data module itself
         **trainer_options(s, run_dir),
     )
+
+
+def _periodic_last(s: Settings, run_dir: Path) -> list[Callback]:
+    """Lightning's ModelCheckpoint saving only last.ckpt, every `checkpoint_every_n_steps` steps
+    (mid-epoch checkpoints resume exactly: the data module records the position in the epoch)."""
+    if not s.checkpoint_every_n_steps:
+        return []
+    return [
+        ModelCheckpoint(
+            dirpath=run_dir / CHECKPOINT_DIR,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=s.checkpoint_every_n_steps,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        )
+    ]
 
 
 @dataclass
@@ -210,7 +232,13 @@ def run_fit(
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
     with claimed_run_dir(out) as run_dir:
-        last = run_dir / LAST_CHECKPOINT
+        # A job its launcher restarted (torchrun --max-restarts, a requeued SLURM job) continues
+        # from the run's newest checkpoint by itself: nobody is there to type --resume.
+        restored = newest_checkpoint(run_dir) if launcher_restarts() and not overwrite else None
+        if restored is not None and is_global_zero():
+            log.info("restart %d of this job: resuming from %s", launcher_restarts(), restored)
+        resume = resume or restored is not None
+        last = restored or run_dir / LAST_CHECKPOINT
         if not is_global_zero():  # rank 0 checked and prepared the folder
             return _train(s, hw, run_dir, last if resume else None, extra_callbacks)
         existed = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else None

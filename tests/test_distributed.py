@@ -60,6 +60,10 @@ def test_cli_ddp_fit_then_two_device_test_counts_each_image_once(trained_run: Pa
     runs = list((tmp_path / "runs").iterdir())
     assert [p.name for p in runs] == ["001"]  # both processes wrote the same, single run folder
     assert [p.name for p in (runs[0] / "checkpoints").glob("best*.ckpt")] == ["best.ckpt"]
+    # Clean output: one summary (rank 0 only), one data-source line, and no warning a user cannot act
+    # on (val metrics are synchronised by torchmetrics, so Lightning's sync_dist advice is silenced).
+    assert result.stdout.count("best val accuracy") == 1 and result.stderr.count("Fashion-MNIST: ") == 1
+    assert "sync_dist" not in result.stderr and "srun" not in result.stderr, result.stderr[-3000:]
 
     ckpt = trained_run / "checkpoints" / "best.ckpt"
     two = _run([*fmnist, "test", "--ckpt", str(ckpt), "--accelerator", "cpu", "--devices", "2", "--offline",

@@ -1,0 +1,103 @@
+"""scripts/slurm/train.sbatch, submitted for real to a one-machine SLURM cluster (scripts/slurm/local_cluster.sh):
+one node, two CPU tasks, gloo. Needs root and Debian's slurm-wlm and munge; skipped without them,
+except in CI (CI=true), where they are installed and this must run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import ROOT, TINY_FIT, launcher_env
+
+CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.sh"
+TRAIN = ROOT / "scripts" / "slurm" / "train.sbatch"
+SLURM_TOOLS = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "srun")
+
+
+def _cannot_run(reason: str) -> None:
+    if os.environ.get("CI"):
+        pytest.fail(f"the SLURM test must run in CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def slurm_env() -> Iterator[dict[str, str]]:
+    """A running local cluster; yields the environment its clients need (SLURM_CONF)."""
+    missing = [t for t in SLURM_TOOLS if not shutil.which(t, path=launcher_env()["PATH"])]
+    if missing:
+        _cannot_run(f"{', '.join(missing)} not found: apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        _cannot_run("a local SLURM cluster needs root (slurmd runs the jobs)")
+    # Not under pytest's base temp folder: another pytest on the machine may rotate that away.
+    folder = Path(tempfile.mkdtemp(prefix="fmnist-slurm-"))
+    start = subprocess.run(
+        [str(CLUSTER), "start", str(folder)], env=launcher_env(), capture_output=True, text=True, timeout=120
+    )
+    if start.returncode != 0:
+        subprocess.run([str(CLUSTER), "stop", str(folder)], env=launcher_env(), timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+        _cannot_run(f"the local SLURM cluster did not start:\n{start.stderr}")
+    try:
+        yield {"SLURM_CONF": str(folder / "slurm.conf")}
+    finally:
+        subprocess.run([str(CLUSTER), "stop", str(folder)], env=launcher_env(), timeout=60)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _diagnosis(env: dict[str, str]) -> str:
+    queue = subprocess.run(["squeue"], env=env, capture_output=True, text=True, timeout=30).stdout
+    ctld = Path(env["SLURM_CONF"]).parent / "slurmctld.log"
+    return f"squeue:\n{queue}\nslurmctld.log:\n{ctld.read_text()[-3000:] if ctld.exists() else ''}"
+
+
+def test_train_sbatch_on_a_local_cluster(real_data: None, slurm_env: dict[str, str], tmp_path: Path) -> None:
+    work = tmp_path / "work"  # the job's working folder (its runs/ folder is there)
+    work.mkdir()
+    log = tmp_path / "job.log"
+    # CPU instead of the script's 2 nodes x 4 GPUs: sbatch options override its #SBATCH lines, and
+    # the header's FMNIST_ACCELERATOR picks the CPU; FMNIST adds --debug so Lightning says what it did.
+    env = launcher_env(**slurm_env, FMNIST_ACCELERATOR="cpu", FMNIST="fmnist --debug")
+    shape = ["--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
+    sbatch = ["sbatch", "--wait", "--parsable", *shape, "--time", "10", "--chdir", str(work), "--output", str(log)]
+    fit_options = [*TINY_FIT, "--limit-val-batches", "2", "--test"]
+    try:
+        job = subprocess.run([*sbatch, str(TRAIN), *fit_options], env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        output = log.read_text()[-5000:] if log.exists() else "(no output)"
+        pytest.fail(f"the job did not finish in 5 minutes:\n{output}\n{_diagnosis(env)}")
+    output = log.read_text() if log.exists() else ""
+    print(output)
+    assert job.returncode == 0, f"sbatch: {job.stderr}\njob output:\n{output[-5000:]}\n{_diagnosis(env)}"
+    job_id = job.stdout.strip().split(";")[0]
+    state = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True, timeout=30)
+    assert "JobState=COMPLETED" in state.stdout and "ExitCode=0:0" in state.stdout, state.stdout
+
+    # Lightning took the ranks from SLURM (srun --label prefixes each line with its task's rank):
+    # task 1 is global rank 1 of 2, and Lightning set up SLURM's requeue-on-signal handlers.
+    assert "0: Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2" in output
+    assert "1: Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    for task in (0, 1):
+        assert f"{task}: SLURM auto-requeueing enabled" in output
+    assert "srun` command is available on your system but is not used" not in output
+
+    assert [p.name for p in (work / "runs").iterdir()] == [f"slurm-{job_id}"]  # one run folder, the job's
+    run = work / "runs" / f"slurm-{job_id}"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2  # header + one epoch, written once
+    report = json.loads((run / "report.json").read_text())
+    assert report["num_samples"] == 10000
+    predictions = (run / "predictions.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in predictions] == list(range(10000))
+
+    # Recorded by the run itself (config.yaml's provenance block).
+    provenance = yaml.safe_load((run / "config.yaml").read_text())["provenance"]
+    assert provenance.get("cluster_environment") == "SLURMEnvironment", provenance
+    assert provenance.get("world_size") == 2, provenance
