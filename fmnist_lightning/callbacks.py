@@ -1,5 +1,6 @@
 """The callbacks `fmnist fit` adds to Lightning's: per-epoch metrics, the run's config, a clean stop
-on SIGINT/SIGTERM, and per-rank seeding."""
+on SIGINT/SIGTERM, a stop at the first non-finite loss, per-rank seeding, and SWA on Lightning's
+weight averaging."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
 from fmnist_lightning.config import Settings, provenance, save_yaml
-from fmnist_lightning.errors import TrainingInterrupted
+from fmnist_lightning.errors import NonFiniteLoss, TrainingInterrupted
 from fmnist_lightning.runs import METRIC_COLUMNS
 
 
@@ -37,14 +38,17 @@ class EpochMetricsCSV(Callback):
         self._start = self._val_start = 0.0
         self._val_time = 0.0
         self._images = 0
+        self._validated = False  # this epoch (--check-val-every-n-epoch skips some)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed mid-epoch skips on_train_epoch_start for that epoch: time it from here.
         self._start, self._val_time, self._images = time.perf_counter(), 0.0, 0
+        self._validated = False
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module)
         self._start, self._val_time, self._images = time.perf_counter(), 0.0, 0
+        self._validated = False
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
@@ -62,6 +66,7 @@ class EpochMetricsCSV(Callback):
         if trainer.state.fn == TrainerFn.FITTING:
             _sync(pl_module)
             self._val_time += time.perf_counter() - self._val_start
+            self._validated = True
 
     def epoch_times(self) -> tuple[float, float]:
         """(training seconds, validation seconds) of the epoch so far."""
@@ -72,7 +77,12 @@ class EpochMetricsCSV(Callback):
         train_time, _ = self.epoch_times()
         if not trainer.is_global_zero:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in METRIC_COLUMNS}
+        # Lightning keeps the last validation's metrics: an epoch without validation must not repeat them.
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k in METRIC_COLUMNS and (self._validated or not k.startswith("val/"))
+        }
         on_gpu = pl_module.device.type == "cuda"
         row: dict[str, Any] = {
             **metrics,
@@ -174,7 +184,9 @@ class GracefulInterrupt(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if trainer.world_size > 1 and (step % self.sync_every or step == self._checked_step):
+        # Only after a batch that ended an optimiser step: with --accumulate-grad-batches, the
+        # gradients summed so far are not in a checkpoint, so stopping inside a group would lose them.
+        if step == self._checked_step or (trainer.world_size > 1 and step % self.sync_every):
             return
         self._checked_step = step
         self._check(trainer)
@@ -195,3 +207,92 @@ class GracefulInterrupt(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
+
+
+class FiniteLossGuard(Callback):
+    """Stop at the first NaN or infinite training loss, before any checkpoint holds broken weights.
+
+    Reading the loss on the host at every step would make a GPU wait for each step to finish (a
+    sync that empties its queue). So each step only ORs its verdict into tensors on the device: the
+    step of the first non-finite loss, -1 while there is none. They are read back every
+    `check_every` optimiser steps, before each validation, at the end of each epoch, and before
+    any checkpoint is written: a save never runs unchecked, so the last.ckpt on disk is from
+    before the loss broke.
+    """
+
+    def __init__(self, last_ckpt: Path, check_every: int = 50) -> None:
+        self.last_ckpt, self.check_every = last_ckpt, check_every
+        self._first_bad: torch.Tensor | None = None
+        self._checked_step = -1
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            return
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
+        bad = ~torch.isfinite(loss.detach())
+        self._first_bad = torch.where((self._first_bad < 0) & bad, trainer.global_step, self._first_bad)
+        step = trainer.global_step
+        if step % self.check_every == 0 and step != self._checked_step:  # global_step: the same on every rank
+            self._checked_step = step
+            self._check(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check(trainer)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._check(trainer)
+
+    def _check(self, trainer: L.Trainer) -> None:
+        first = int(self._first_bad.item()) if self._first_bad is not None else -1
+        broken = first >= 0
+        if trainer.world_size > 1:  # every rank calls this at the same point; all must stop together
+            broken = trainer.strategy.reduce_boolean_decision(broken, all=False)
+        if not broken:
+            return
+        where = f"at step {first}" if first >= 0 else "on another rank"
+        kept = (
+            f"the last good checkpoint {self.last_ckpt} was kept (saved before it)"
+            if self.last_ckpt.is_file()
+            else "no checkpoint had been saved yet"
+        )
+        raise NonFiniteLoss(
+            f"training loss became NaN or infinite in epoch {trainer.current_epoch + 1} {where}; stopped. Try a "
+            f"lower --lr (this run's: {trainer.lightning_module.hparams['lr']:g}) or gradient clipping "
+            f"(--gradient-clip-val 1.0); {kept}"
+        )
+
+
+class StochasticWeightAverage(WeightAveraging):
+    """SWA on Lightning's WeightAveraging: the equal average of the weights after every optimiser
+    step from `start` (a fraction of all steps) on.
+
+    Until then the "average" follows the weights: validations and checkpoints before the averaging
+    starts show the trained weights, not the initial ones that WeightAveraging would otherwise hold.
+    (Lightning's StochasticWeightAveraging callback validates and checkpoints the raw weights, and
+    changes the learning rate; this keeps the schedule and uses the average everywhere.) The count
+    of averaged steps is the AveragedModel's own `n_averaged`, so a resumed run continues the same
+    average. Everything stays on the device: no host sync.
+    """
+
+    def __init__(self, start: float) -> None:
+        super().__init__(avg_fn=self._average)
+        self.start = start
+        self.start_step = 0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # At least 1: the average cannot include weights from before the first step.
+        self.start_step = max(1, int(self.start * trainer.estimated_stepping_batches))
+
+    def _average(self, averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        # num_averaged = optimiser steps before this one (the first step's weights are copied).
+        # From start_step on, this is the running mean of the weights of steps start_step, ..., now.
+        weight = 1 / (num_averaged - self.start_step + 2).clamp(min=1)
+        return torch.where(num_averaged < self.start_step, current, averaged + (current - averaged) * weight)

@@ -29,14 +29,14 @@ import typer
 
 from fmnist_lightning import __version__, render
 from fmnist_lightning.config import BenchConfig, Settings, StrictModel, from_options, option_name, resolve_settings
-from fmnist_lightning.errors import FmnistError, TrainingInterrupted
+from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import close_process_group, is_global_zero
-from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for
+from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
 
 app = typer.Typer(
     name="fmnist",
-    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, test, predict-samples, compare, "
-    "bench, predict, export, report.",
+    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, test, predict-samples, "
+    "compare, bench, predict, export, report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -175,6 +175,10 @@ OutOption = Annotated[
     Optional[Path], typer.Option("--out", help="Output folder. Default: the checkpoint's run folder.")
 ]
 CkptOption = Annotated[Path, typer.Option("--ckpt", help="Checkpoint file, e.g. runs/001/checkpoints/best.ckpt.")]
+NewestCkptOption = Annotated[
+    Optional[Path],
+    typer.Option("--ckpt", help="Checkpoint file. Default: the newest run's best.ckpt in runs/.", show_default=False),
+]
 ConfigOption = Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")]
 ALL_SETTINGS = tuple(Settings.model_fields)
 
@@ -220,6 +224,8 @@ def fit(
         from fmnist_lightning.training import fit_settings, run_fit
 
         s = fit_settings(config, given, out, resume)
+        if test and s.fast_dev_run:
+            raise UsageError("--fast-dev-run already tests one batch and keeps no checkpoint; drop --test")
         result = run_fit(s, out=out, resume=resume, overwrite=overwrite)
         if result.is_global_zero:
             render.fit_summary(result)
@@ -228,12 +234,47 @@ def fit(
         close_process_group()
 
 
+@app.command("lr-find")
+@with_options(Settings, ALL_SETTINGS)
+def lr_find(
+    given: dict[str, Any],
+    config: ConfigOption = None,
+    out: Annotated[Path, typer.Option(help="Where to write lr_find.png.")] = Path("runs/lr-find"),
+    steps: Annotated[
+        int, typer.Option(min=2, help="Optimiser steps of the range test (one learning rate each).")
+    ] = 100,
+    min_lr: Annotated[float, typer.Option(help="Learning rate of the first step.")] = 1e-8,
+    max_lr: Annotated[float, typer.Option(help="Learning rate of the last step.")] = 1.0,
+) -> None:
+    """Find a learning rate: Lightning's range test on the settings `fit` would use (all its options).
+
+    Trains --steps steps with the learning rate growing from --min-lr to --max-lr, plots the loss
+    against it (lr_find.png, the suggestion marked) and prints the `fmnist fit` line that uses it.
+    """
+    with user_errors():
+        from fmnist_lightning.lr_find import fit_command, format_lr, run_lr_find
+
+        result = run_lr_find(resolve_settings(config, given), out, steps, min_lr, max_lr)
+        render.lr_find(format_lr(result.suggestion), result.steps, fit_command(config, given, result.suggestion))
+        render.wrote(result.plot)
+
+
 @app.command()
 @with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
-def test(given: dict[str, Any], ckpt: CkptOption, out: OutOption = None) -> None:
+def test(given: dict[str, Any], ckpt: NewestCkptOption = None, out: OutOption = None) -> None:
     """Evaluate a checkpoint on the 10,000 test images: loss, accuracy, classification report."""
     with user_errors():
+        ckpt = _checkpoint(ckpt)
         _test(ckpt, resolve_settings(None, given), out or default_out_for(ckpt))
+
+
+def _checkpoint(ckpt: Path | None) -> Path:
+    """--ckpt, or the newest run's best checkpoint (said so)."""
+    if ckpt is not None:
+        return ckpt
+    newest = newest_best_checkpoint()
+    render.using_checkpoint(newest)
+    return newest
 
 
 def _test(ckpt: Path, s: Settings, out: Path) -> None:
@@ -252,7 +293,7 @@ def _test(ckpt: Path, s: Settings, out: Path) -> None:
 @with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
 def predict_samples(
     given: dict[str, Any],
-    ckpt: CkptOption,
+    ckpt: NewestCkptOption = None,
     num: Annotated[int, typer.Option(help="How many correct and how many incorrect images to show (1-100).")] = 9,
     out: OutOption = None,
 ) -> None:
@@ -260,6 +301,7 @@ def predict_samples(
     with user_errors():
         from fmnist_lightning.evaluation import predict_samples as run_predict_samples
 
+        ckpt = _checkpoint(ckpt)
         out = out or default_out_for(ckpt)
         picked = run_predict_samples(ckpt, resolve_settings(None, given), num, out)
         if picked is not None:

@@ -135,12 +135,64 @@ class Settings(StrictModel):
         description="Also save checkpoints/last.ckpt every N optimiser steps (0: at epoch ends only), so a "
         "killed process loses at most N steps; a restarted torchrun or requeued SLURM job resumes from it.",
     )
+    # Training tricks: each maps onto a Lightning callback or Trainer argument (training.py).
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many validations without improvement (0: off). best.ckpt stays the best."
+    )
+    early_stopping_monitor: Literal["val/acc", "val/loss"] = Field(
+        "val/acc", description="Metric early stopping watches (val/acc must rise, val/loss must fall)."
+    )
+    early_stopping_min_delta: Annotated[float, Number] = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Smallest change of the monitored metric that counts as better."
+    )
+    gradient_clip_val: Annotated[float, Number] = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Clip gradients at this value (0: off)."
+    )
+    gradient_clip_algorithm: Literal["norm", "value"] = Field(
+        "norm", description="norm: rescale the total gradient norm; value: clamp each gradient element."
+    )
+    accumulate_grad_batches: int = Field(
+        1, ge=1, description="Sum the gradients of N batches per optimiser step (effective batch x N)."
+    )
+    weight_averaging: Literal["none", "ema", "swa"] = Field(
+        "none",
+        description="Validate, checkpoint and use averaged weights: ema (exponential moving average) or swa "
+        "(equal average from --swa-start on).",
+    )
+    ema_decay: Annotated[float, Number] = Field(
+        0.999, gt=0, lt=1, description="EMA: weight of the previous average at each optimiser step."
+    )
+    swa_start: Annotated[float, Number] = Field(
+        0.75, ge=0, lt=1, description="SWA: fraction of the training steps after which weights are averaged."
+    )
+    val_check_interval: BatchLimit = Field(
+        1.0, description="Validate every this fraction of an epoch (0.5) or number of training batches (100)."
+    )
+    check_val_every_n_epoch: int = Field(1, ge=1, description="Validate after every N-th epoch only.")
+    profiler: Literal["none", "simple", "advanced", "pytorch"] = Field(
+        "none", description="Lightning profiler; its report goes into the run folder."
+    )
+    fast_dev_run: bool = Field(
+        False, description="Smoke test: one batch of each split, no files kept (no run folder is left behind)."
+    )
+    overfit_batches: BatchLimit = Field(
+        0.0,
+        description="Sanity check: train on the same N batches every epoch, validate on N (a count, or a fraction; "
+        "0: off).",
+    )
 
-    @field_validator("limit_train_batches", "limit_val_batches")
+    @field_validator("limit_train_batches", "limit_val_batches", "val_check_interval")
     @classmethod
     def _batch_limit(cls, value: int | float) -> int | float:
         if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not (0 < value <= 1)):
             raise ValueError(f"must be a fraction in (0, 1] or a count >= 1, got {value}")
+        return value
+
+    @field_validator("overfit_batches")
+    @classmethod
+    def _overfit(cls, value: int | float) -> int | float:
+        if value < 0 or (isinstance(value, float) and value > 1):
+            raise ValueError(f"must be 0 (off), a fraction in (0, 1] or a count >= 1, got {value}")
         return value
 
     @field_validator("devices")

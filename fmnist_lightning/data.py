@@ -350,10 +350,13 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self._resume_position = state_dict.get("train_position")
 
     def train_dataloader(self) -> TensorBatches:
+        # --overfit-batches must see the same batches every epoch (Lightning turns off shuffling
+        # only in DataLoaders).
+        overfit = self.trainer is not None and getattr(self.trainer, "overfit_batches", 0) > 0  # set at run time
         self._train = self._batches(
             "train",
             batch_size=self.batch_size,
-            shuffle=True,
+            shuffle=not overfit,
             seed=self.seed,
             even_shards=True,
             label_smoothing=self.label_smoothing,

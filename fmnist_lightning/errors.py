@@ -30,3 +30,7 @@ class TrainingInterrupted(FmnistError):
     """Training stopped on SIGINT/SIGTERM after saving a resumable checkpoint."""
 
     exit_code = 130
+
+
+class NonFiniteLoss(FmnistError):
+    """The training loss became NaN or infinite; training stopped before saving the broken weights."""

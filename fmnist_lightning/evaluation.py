@@ -175,14 +175,16 @@ def check_sample_count(num: int) -> None:
 
 
 def write_sample_grids(results: TestResults, num: int, out: Path) -> dict[str, list[int]]:
-    """correct.png and incorrect.png in `out`, each image titled "Predicted X, Class Y"; returns the indices."""
+    """correct.png and incorrect.png in `out`, each image titled "Predicted X" over "Class Y"; returns the indices."""
     from fmnist_lightning.plots import plot_image_grid
 
     check_sample_count(num)
     picked = dict(zip(("correct", "incorrect"), pick_samples(results, num)))
     for indices, file in zip(picked.values(), (CORRECT_SAMPLES, INCORRECT_SAMPLES)):
         titles = [
-            f"Predicted {CLASS_NAMES[results.predicted[i]]}, Class {CLASS_NAMES[results.labels[i]]}" for i in indices
+            # Two lines: "Predicted T-shirt/top, Class Pullover" on one is wider than its image.
+            f"Predicted {CLASS_NAMES[results.predicted[i]]}\nClass {CLASS_NAMES[results.labels[i]]}"
+            for i in indices
         ]
         plot_image_grid(results.images[indices], titles, out / file)
     return picked

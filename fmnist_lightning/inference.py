@@ -30,6 +30,7 @@ from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import default_out_for
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder is searched for
+MAX_MEGAPIXELS = 40  # larger images are refused (camera photos are mostly 12-24 megapixels)
 # A pixel belongs to the object when it differs from the background by more than this (of 255).
 OBJECT_THRESHOLD = 24
 EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
@@ -71,9 +72,23 @@ def image_paths(inputs: Sequence[Path]) -> tuple[list[Path], list[ImageError]]:
 
 
 def read_grayscale(path: Path) -> np.ndarray:
-    """The image as uint8 gray levels (H, W); transparent parts count as a white background."""
+    """The image as uint8 gray levels (H, W); transparent parts count as a white background.
+
+    Images over MAX_MEGAPIXELS are refused from their header alone (Image.open reads no pixels):
+    decoding a 12000x12000 PNG takes gigabytes for a picture that ends up 28x28.
+    """
     try:
-        with Image.open(path) as opened:
+        with warnings.catch_warnings():
+            # Pillow warns from 89 megapixels on; we refuse well below that, in our own words.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened:
+            width, height = opened.size
+            if width * height > MAX_MEGAPIXELS * 1e6:
+                raise ImageError(
+                    f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, more than the "
+                    f"{MAX_MEGAPIXELS} this tool reads; scale it down first"
+                )
             image = ImageOps.exif_transpose(opened)  # photos taken sideways, as the camera meant them
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 rgba = image.convert("RGBA")
@@ -81,7 +96,12 @@ def read_grayscale(path: Path) -> np.ndarray:
             return np.asarray(image.convert("L"))
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image (Pillow cannot identify it)") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError:  # Pillow refuses to open it at all (over 179 megapixels)
+        raise ImageError(
+            f"{path}: far more than the {MAX_MEGAPIXELS} megapixels this tool reads (Pillow refuses to open it); "
+            "scale it down first"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{path}: unreadable image ({exc})") from None
 
 

@@ -53,17 +53,22 @@ def plot_compare(rows_by_model: dict[str, list[dict[str, float]]], path: Path) -
     _curve_axes(rows_by_model, path)
 
 
-def plot_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, columns: int = 5) -> None:
-    """A grid of 28x28 grayscale images (uint8 or float in [0, 1]), each with its title."""
+def image_grid_figure(images: torch.Tensor, titles: Sequence[str], columns: int = 5) -> plt.Figure:
+    """A grid of 28x28 grayscale images (uint8 or float in [0, 1]), each with its title (which may
+    have two lines: each row leaves room for them)."""
     n = len(images)
     rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles):
         ax.imshow(np.asarray(image.squeeze().cpu()), cmap="gray", interpolation="none")
         ax.set_title(title, fontsize=8)
-    _save(fig, path)
+    return fig
+
+
+def plot_image_grid(images: torch.Tensor, titles: Sequence[str], path: Path, columns: int = 5) -> None:
+    _save(image_grid_figure(images, titles, columns), path)
 
 
 def plot_confusion_matrix(confusion: list[list[int]], path: Path) -> None:
@@ -79,4 +84,21 @@ def plot_confusion_matrix(confusion: list[list[int]], path: Path) -> None:
         ax.text(j, i, str(value), ha="center", va="center", fontsize=7, color="white" if value > threshold else "black")
     fig.colorbar(im, ax=ax, fraction=0.046)
     ax.set_title("Confusion matrix (test set)")
+    _save(fig, path)
+
+
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: float | None, path: Path) -> None:
+    """The learning-rate range test: smoothed training loss against the learning rate (log scale),
+    the suggested rate marked."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(lrs, losses, "-", label="training loss (smoothed)")
+    if suggestion is not None:
+        i = min(range(len(lrs)), key=lambda k: abs(lrs[k] - suggestion))
+        ax.plot(lrs[i], losses[i], "o", color="red", markersize=9, label=f"suggestion: {suggestion:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("loss")
+    ax.set_title("Learning-rate range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
     _save(fig, path)

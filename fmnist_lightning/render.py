@@ -28,6 +28,10 @@ def wrote(*paths: Path | str) -> None:
     console.print(f"wrote {', '.join(escape(str(p)) for p in paths)}")
 
 
+def using_checkpoint(path: Path) -> None:
+    console.print(f"using {escape(str(path))} (the newest run's best checkpoint; --ckpt chooses another)")
+
+
 def data_summary(source: str, summary: Mapping[str, Any], class_names: Sequence[str]) -> None:
     table = Table(title=f"Fashion-MNIST ({source})")
     for column in ("split", "images", "labels (one-hot)", "pixel min", "pixel max"):
@@ -47,8 +51,15 @@ def data_summary(source: str, summary: Mapping[str, Any], class_names: Sequence[
 
 
 def fit_summary(result: Any) -> None:
+    if result.fast_dev_run:
+        console.print("fast dev run passed: one batch each of training, validation and test; no files were kept")
+        return
     table = Table(title=f"Run {result.run_dir}", show_header=False)
     table.add_row("best epoch", f"{result.best_epoch} of {result.epochs}")
+    if result.stopped_early_after is not None:
+        table.add_row(
+            "stopped early", f"after epoch {result.stopped_early_after}: the monitored metric stopped improving"
+        )
     table.add_row("best val accuracy", f"{result.best_val_acc:.4f}")
     table.add_row("best checkpoint", str(result.best_checkpoint))
     table.add_row("wall time", f"{result.wall_time_s:.1f} s")
@@ -56,7 +67,14 @@ def fit_summary(result: Any) -> None:
     table.add_row("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MB")
     if result.gpu_peak_mb is not None:
         table.add_row("peak GPU memory (allocated)", f"{result.gpu_peak_mb:,.0f} MB")
+    for path in result.profiles:
+        table.add_row("profiler report", escape(str(path)))
     console.print(table)
+
+
+def lr_find(suggestion: str, steps: int, command: str) -> None:
+    console.print(f"suggested learning rate: {suggestion} (range test of {steps} steps)")
+    console.print(f"train with it: {escape(command)}", soft_wrap=True)
 
 
 def test_report(report: Mapping[str, Any], class_names: Sequence[str]) -> None:

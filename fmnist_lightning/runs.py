@@ -36,6 +36,7 @@ CORRECT_SAMPLES = "correct.png"
 INCORRECT_SAMPLES = "incorrect.png"
 HTML_REPORT = "report.html"
 TENSORBOARD_DIR = "tensorboard"
+PROFILE = "profile"  # Lightning's profilers name their reports fit-profile.txt and the like
 LOCK = ".lock"
 
 FIT_FILES = (CONFIG, METRICS, CURVES)  # written by `fmnist fit`, besides its checkpoints
@@ -141,6 +142,13 @@ def remove_run_files(run_dir: Path) -> None:
             path.unlink()
     for name in RUN_FOLDERS:
         shutil.rmtree(run_dir / name, ignore_errors=True)
+    for path in profile_reports(run_dir):
+        path.unlink()
+
+
+def profile_reports(run_dir: Path) -> tuple[Path, ...]:
+    """What --profiler wrote: fit-profile.txt, and Chrome traces named by the profiled action."""
+    return tuple(sorted(run_dir.glob(f"*-{PROFILE}*")))
 
 
 def remove_unstarted(run_dir: Path, existed: set[str] | None) -> None:
@@ -194,6 +202,15 @@ def check_output_dir(out: Path) -> None:
 def default_out_for(ckpt: Path) -> Path:
     """Reports go next to the run that produced the checkpoint (runs/001 for runs/001/checkpoints/best.ckpt)."""
     return ckpt.parent.parent if ckpt.parent.name == CHECKPOINT_DIR else ckpt.parent
+
+
+def newest_best_checkpoint(root: Path = RUNS_ROOT) -> Path:
+    """The best.ckpt of the newest run under `root` (newest by that file's modification time), for
+    commands given no --ckpt."""
+    found = [p for p in root.glob(f"**/{BEST_CHECKPOINT}") if p.is_file()] if root.is_dir() else []
+    if not found:
+        raise UsageError(f"no trained run under {root}/: train one first (fmnist fit), or pass --ckpt")
+    return max(found, key=lambda p: p.stat().st_mtime)
 
 
 def read_metrics(path: Path) -> list[dict[str, float]]:

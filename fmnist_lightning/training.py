@@ -7,15 +7,24 @@ prepares it; the other ranks use it), seed, build, fit, and summarise from `metr
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 
-from fmnist_lightning.callbacks import EpochMetricsCSV, GracefulInterrupt, SaveConfig, SeedRanks
+from fmnist_lightning.callbacks import (
+    EpochMetricsCSV,
+    FiniteLossGuard,
+    GracefulInterrupt,
+    SaveConfig,
+    SeedRanks,
+    StochasticWeightAverage,
+)
 from fmnist_lightning.checkpoints import AtomicCheckpointIO, checkpoint_epoch
 from fmnist_lightning.config import Settings, load_yaml, resolve_settings
 from fmnist_lightning.data import FashionMNISTDataModule
@@ -29,10 +38,12 @@ from fmnist_lightning.runs import (
     CURVES,
     LAST_CHECKPOINT,
     METRICS,
+    PROFILE,
     TENSORBOARD_DIR,
     claimed_run_dir,
     newest_checkpoint,
     prepare_run_dir,
+    profile_reports,
     read_metrics,
     remove_run_files,
     remove_unstarted,
@@ -59,6 +70,54 @@ def _logger(run_dir: Path) -> object:
         return False
 
 
+def trainer_options(s: Settings, run_dir: Path) -> dict[str, Any]:
+    """The Trainer arguments that settings map onto one to one."""
+    return dict(
+        gradient_clip_val=s.gradient_clip_val or None,  # 0 means off, which Lightning spells None
+        gradient_clip_algorithm=s.gradient_clip_algorithm,
+        accumulate_grad_batches=s.accumulate_grad_batches,
+        val_check_interval=s.val_check_interval,
+        check_val_every_n_epoch=s.check_val_every_n_epoch,
+        fast_dev_run=s.fast_dev_run,
+        overfit_batches=s.overfit_batches,
+        profiler=_profiler(s.profiler, run_dir),
+    )
+
+
+def _profiler(kind: str, run_dir: Path) -> object:
+    """Lightning's profiler of that kind, writing its report into the run folder (None: off)."""
+    from lightning.pytorch import profilers
+
+    classes = {
+        "simple": profilers.SimpleProfiler,
+        "advanced": profilers.AdvancedProfiler,
+        "pytorch": profilers.PyTorchProfiler,
+    }
+    return classes[kind](dirpath=run_dir, filename=PROFILE) if kind in classes else None
+
+
+def training_callbacks(s: Settings, run_dir: Path) -> list[Callback]:
+    """The callbacks that settings switch on: weight averaging, early stopping, and the loss guard."""
+    callbacks: list[Callback] = []
+    # Before the checkpoint callback (Lightning moves ModelCheckpoint last anyway): validation and
+    # every checkpoint then see the averaged weights.
+    if s.weight_averaging == "ema":
+        callbacks.append(EMAWeightAveraging(decay=s.ema_decay))
+    elif s.weight_averaging == "swa":
+        callbacks.append(StochasticWeightAverage(s.swa_start))
+    if s.early_stopping_patience:
+        callbacks.append(
+            EarlyStopping(
+                monitor=s.early_stopping_monitor,
+                mode="max" if s.early_stopping_monitor == "val/acc" else "min",
+                patience=s.early_stopping_patience,
+                min_delta=s.early_stopping_min_delta,
+            )
+        )
+    callbacks.append(FiniteLossGuard(run_dir / LAST_CHECKPOINT))
+    return callbacks
+
+
 def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
     # We log per epoch only, so Lightning's hint about short epochs vs. log_every_n_steps is noise.
     warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
@@ -67,6 +126,9 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
     # The validation metrics are computed from states torchmetrics sums over all ranks: every rank
     # logs the same global value, so Lightning's advice to add sync_dist does not apply.
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
+    # Under --overfit-batches the data module itself stops shuffling (Lightning cannot, for a loader
+    # that is not a DataLoader; evaluation never shuffles), so Lightning's warning is wrong.
+    warnings.filterwarnings("ignore", message="You requested to overfit but enabled")
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename=Path(BEST_CHECKPOINT).stem,  # save_last adds last.ckpt beside it
@@ -83,6 +145,9 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
         *_periodic_last(s, run_dir),
         SaveConfig(run_dir / CONFIG, s),
         EpochMetricsCSV(run_dir / METRICS),
+        # Before GracefulInterrupt: a step's update of the averaged weights must be in the
+        # checkpoint that a signal saves at the end of that step.
+        *training_callbacks(s, run_dir),
         GracefulInterrupt(run_dir / LAST_CHECKPOINT),
     ]
     if s.progress:
@@ -102,6 +167,7 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
         num_sanity_val_steps=0,
         plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False,  # our batches are sharded by the data module itself
+        **trainer_options(s, run_dir),
     )
 
 
@@ -134,6 +200,9 @@ class FitResult:
     peak_rss_mb: float
     gpu_peak_mb: float | None
     is_global_zero: bool
+    stopped_early_after: int | None = None  # epochs, when early stopping ended the run
+    profiles: tuple[Path, ...] = ()  # the profiler's reports
+    fast_dev_run: bool = False  # a smoke test: nothing was kept
 
 
 def fit_settings(config: Path | None, overrides: dict[str, object], out: Path | None, resume: bool) -> Settings:
@@ -153,6 +222,13 @@ def run_fit(
     """Train as `fmnist fit` does and return where everything went. `extra_callbacks` are added
     to the Trainer (for library users and tests that want to observe training)."""
     hw = hardware_for(s)
+    if s.fast_dev_run:
+        if out is not None or resume or overwrite:
+            raise UsageError("--fast-dev-run keeps no files; drop --out, --resume and --overwrite")
+        # Lightning's fast_dev_run writes no checkpoints or logs, but our callbacks write files:
+        # they go into a temporary folder, removed afterwards.
+        with tempfile.TemporaryDirectory(prefix="fmnist-fast-dev-run-") as tmp:
+            return _train(s, hw, Path(tmp), None, extra_callbacks)
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
     with claimed_run_dir(out) as run_dir:
@@ -202,7 +278,17 @@ def _train(
     model = build_model(s, datamodule)
     trainer = build_trainer(s, hw, run_dir, extra_callbacks)
     start = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except ValueError as exc:
+        if "`val_check_interval`" not in str(exc):  # Lightning can only check this once it has the data
+            raise
+        raise UsageError(
+            f"--val-check-interval {s.val_check_interval} is more batches than an epoch has; give a fraction "
+            "(0.5) or a smaller count"
+        ) from None
+    if s.fast_dev_run:  # one batch of the test split too
+        trainer.test(model, datamodule=datamodule, verbose=False)
     wall = time.perf_counter() - start
     rows = read_metrics(run_dir / METRICS) if trainer.is_global_zero else []
     best = max(rows, key=lambda r: r.get("val/acc", -1.0), default={})
@@ -223,4 +309,16 @@ def _train(
         peak_rss_mb=max((r.get("peak_rss_mb", 0.0) for r in rows), default=float("nan")),
         gpu_peak_mb=max(gpu) if gpu else None,
         is_global_zero=trainer.is_global_zero,
+        stopped_early_after=_stopped_early_after(trainer),
+        profiles=profile_reports(run_dir),
+        fast_dev_run=s.fast_dev_run,
     )
+
+
+def _stopped_early_after(trainer: L.Trainer) -> int | None:
+    """Epochs trained when early stopping ended the run before --max-epochs, else None.
+    (EarlyStopping's own `stopped_epoch` is 0 both when it never stopped and when it stopped in
+    the first epoch.)"""
+    stopper = trainer.early_stopping_callback
+    stopped = stopper is not None and stopper.wait_count >= stopper.patience
+    return trainer.current_epoch if stopped and trainer.current_epoch < (trainer.max_epochs or 0) else None

@@ -141,3 +141,23 @@ def test_compare_trains_both_variants(real_data: None, cli, tmp_path: Path) -> N
         cells = next([c.strip() for c in cells] for cells in table_rows if cells[0].strip() == row["model"])
         expected = [f"{row['test_acc']:.4f}", f"{row['test_loss']:.4f}", str(row["best_epoch"]), f"{row['gap']:+.4f}"]
         assert cells[1:] == expected, stdout
+
+
+def test_intended_use_lines_run_in_order(real_data: None, cli, tmp_path: Path, monkeypatch) -> None:
+    """fit, then test from a folder holding best.ckpt, then a bare predict-samples: the newest run's."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("predict-samples")
+    assert code == 2
+    assert err.strip() == "error: no trained run under runs/: train one first (fmnist fit), or pass --ckpt"
+    code, _, err = cli("fit", *TINY)
+    assert code == 0, err
+    shutil.copy(tmp_path / "runs" / "001" / "checkpoints" / "best.ckpt", tmp_path / "best.ckpt")
+    code, stdout, err = cli("test", "--ckpt", "best.ckpt")
+    assert code == 0, err
+    assert "test accuracy" in stdout and (tmp_path / "report.json").is_file()  # beside the checkpoint
+    code, stdout, err = cli("predict-samples")
+    assert code == 0, err
+    assert "using runs/001/checkpoints/best.ckpt (the newest run's best checkpoint" in stdout
+    assert is_png(tmp_path / "runs" / "001" / "correct.png") and is_png(tmp_path / "runs" / "001" / "incorrect.png")

@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.overrides import TorchFunctionMode
 
-from fmnist_lightning.callbacks import GracefulInterrupt, SeedRanks
+from fmnist_lightning.callbacks import FiniteLossGuard, GracefulInterrupt, SeedRanks
 from fmnist_lightning.config import Settings
 from fmnist_lightning.data import Batch, one_hot
-from fmnist_lightning.errors import TrainingInterrupted
+from fmnist_lightning.errors import NonFiniteLoss, TrainingInterrupted
 from tests.helpers import classifier
 
 # Calls that read a device value back to the host (or, like unique/nonzero/bincount on CUDA, need
@@ -72,6 +72,22 @@ def test_training_and_validation_steps_never_read_values_back_to_the_host() -> N
     # ... and the running sums give what torchmetrics would.
     assert model.train_loss.count == 48 and model.val_loss.count == 48
     assert int(model.val_confusion.compute().sum()) == 48
+
+
+def test_the_finite_loss_guard_reads_the_device_only_every_n_steps(tmp_path: Path) -> None:
+    guard = FiniteLossGuard(tmp_path / "last.ckpt", check_every=50)
+    trainer = SimpleNamespace(global_step=0, world_size=1, current_epoch=0, lightning_module=classifier())
+    counter = SyncCounter()
+    with counter:
+        for step in range(1, 50):
+            trainer.global_step = step
+            loss = torch.tensor(float("nan") if step == 30 else 1.0)
+            guard.on_train_batch_end(trainer, None, {"loss": loss}, None, step)  # type: ignore[arg-type]
+    assert counter.calls == []  # step 30's NaN is only noted on the device
+    trainer.global_step = 50
+    with counter, pytest.raises(NonFiniteLoss, match="in epoch 1 at step 30; stopped"):
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(1.0)}, None, 50)  # type: ignore[arg-type]
+    assert counter.calls == ["item"]  # one read, at step 50
 
 
 def test_macro_f1_from_the_confusion_matrix_equals_torchmetrics() -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -65,13 +66,26 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize(("epoch", "batch", "signum"), [(0, 6, signal.SIGINT), (1, 2, signal.SIGTERM)])
+@pytest.mark.parametrize(
+    ("epoch", "batch", "signum", "changes"),
+    [
+        (0, 6, signal.SIGINT, {}),
+        (1, 2, signal.SIGTERM, {}),
+        # Gradients of 5 batches per step (12 batches: steps after 5, 10 and the last 2): the signal
+        # inside the second group stops after it, at a step, so no summed gradient is lost.
+        (0, 6, signal.SIGINT, dict(accumulate_grad_batches=5)),
+        # The average (from step 7 of 24 on) continues across the interruption.
+        (0, 9, signal.SIGINT, dict(weight_averaging="swa", swa_start=0.3)),
+    ],
+    ids=["sigint", "sigterm-in-epoch-2", "accumulation", "swa"],
+)
 def test_interrupted_and_resumed_run_equals_uninterrupted(
-    real_data: None, settings: Settings, tmp_path: Path, epoch: int, batch: int, signum: int
+    real_data: None, settings: Settings, tmp_path: Path, epoch: int, batch: int, signum: int, changes: dict[str, Any]
 ) -> None:
     def handlers() -> list[object]:  # SIGINT is SIG_IGN when the tests run as a background job
         return [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
 
+    settings = settings.model_copy(update=changes)
     before = handlers()
     run_fit(settings, out=tmp_path / "straight")
     assert handlers() == before  # restored after a finished fit: a later SIGTERM still stops the process
@@ -80,6 +94,8 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     assert handlers() == before  # and after an interrupted one
     interrupted_rows = len(_metrics(tmp_path / "cut"))
     assert interrupted_rows == epoch
+    if "accumulate_grad_batches" in changes:  # stopped at the end of the group the signal came in: batch 10
+        assert torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     run_fit(settings, out=tmp_path / "cut", resume=True)
 
     straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "cut")

@@ -141,6 +141,23 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(trained_run: Path,
     assert "good.png" in stdout and "Ankle boot" in stdout
 
 
+def test_huge_images_are_refused_from_their_header(trained_run: Path, cli, tmp_path: Path) -> None:
+    from PIL import Image
+
+    # 1-bit PNGs compress to a few KB: 144 megapixels (Pillow warns) and 400 (Pillow refuses).
+    for name, side in (("big.png", 12000), ("bigger.png", 20000)):
+        Image.new("1", (side, side)).save(tmp_path / name)
+    shutil.copy(SHIPPED / "ankle_boot.png", tmp_path / "good.png")
+    code, stdout, err = cli("predict", "--ckpt", _ckpt(trained_run), tmp_path)
+    assert code == 1
+    errors = err.strip().splitlines()
+    assert len(errors) == 2 and all(line.startswith("error: ") for line in errors), err
+    assert "big.png: 12000x12000 is 144 megapixels, more than the 40 this tool reads; scale it down" in err
+    assert "bigger.png: far more than the 40 megapixels this tool reads (Pillow refuses to open it)" in err
+    assert "DecompressionBomb" not in err
+    assert "good.png" in stdout and "Ankle boot" in stdout
+
+
 def test_export_onnx_and_torchscript_agree_with_pytorch(
     copied_run: Path, cli, tmp_path: Path, test_images: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
