@@ -28,7 +28,6 @@ from fmnist_lightning.runs import (
     CURVES,
     LAST_CHECKPOINT,
     METRICS,
-    TENSORBOARD_DIR,
     claimed_run_dir,
     prepare_run_dir,
     read_metrics,
@@ -36,6 +35,7 @@ from fmnist_lightning.runs import (
     remove_unstarted,
     run_lock,
 )
+from fmnist_lightning.tracking import build_loggers, log_run_files
 
 
 def build_model(s: Settings, datamodule: FashionMNISTDataModule) -> FashionClassifier:
@@ -44,15 +44,6 @@ def build_model(s: Settings, datamodule: FashionMNISTDataModule) -> FashionClass
     if s.compile:
         model.net.compile()  # in place: state_dict keys stay the same as without compile
     return model
-
-
-def _logger(run_dir: Path) -> object:
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(save_dir=str(run_dir), name=TENSORBOARD_DIR, version="")
-    except ModuleNotFoundError:
-        return False
 
 
 def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
@@ -90,7 +81,7 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
         limit_train_batches=s.limit_train_batches,
         limit_val_batches=s.limit_val_batches,
         callbacks=callbacks,
-        logger=_logger(run_dir),  # type: ignore[arg-type]
+        logger=build_loggers(s, run_dir),
         default_root_dir=str(run_dir),
         enable_progress_bar=s.progress,
         enable_model_summary=False,
@@ -184,6 +175,7 @@ def _train(
         from fmnist_lightning.plots import plot_curves
 
         plot_curves(rows, run_dir / CURVES)
+        log_run_files(run_dir, (run_dir / CONFIG, run_dir / CURVES))
     return FitResult(
         run_dir=run_dir,
         best_checkpoint=run_dir / BEST_CHECKPOINT,
