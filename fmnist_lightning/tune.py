@@ -21,6 +21,8 @@ from __future__ import annotations
 import csv
 import importlib.util
 import logging
+import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -64,6 +66,7 @@ class TrialRow:
     epochs: int | None
     wall_time_s: float | None
     error: str
+    worker: str  # host:pid of the process that ran it
 
 
 @dataclass
@@ -170,6 +173,7 @@ class Objective:
         # Each trial draws from its own seed: workers sharing a study would otherwise draw the same
         # values from equally seeded samplers, and one worker's draws stay reproducible.
         trial.study.sampler = optuna.samplers.TPESampler(seed=self.seed + trial.number)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it, in a shared study
         s = with_value(self.base, {p.name: p.suggest(trial) for p in self.space})
         pruning = PruneOnValAcc(trial)
         try:
@@ -257,6 +261,7 @@ def trial_rows(study: Any) -> list[TrialRow]:
                 epochs=attrs.get("epochs"),
                 wall_time_s=attrs.get("wall_time_s"),
                 error=attrs.get("error", ""),
+                worker=attrs.get("worker", ""),
             )
         )
     return rows
@@ -278,15 +283,14 @@ def summarise(study: Any, base: Settings, study_dir: Path, storage: str) -> Tune
 
 def write_trials_csv(rows: list[TrialRow], path: Path) -> None:
     names = sorted({name for r in rows for name in r.params})
-    columns = ["number", "state", *names, "best_val_acc", "epochs", "wall_time_s", "error"]
+    columns = ["number", "state", *names, "best_val_acc", "epochs", "wall_time_s", "worker", "error"]
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for r in rows:
             values = [r.params.get(n, "") for n in names]
-            writer.writerow(
-                [r.number, r.state, *values, _blank(r.val_acc), _blank(r.epochs), _blank(r.wall_time_s), r.error]
-            )
+            measured = [_blank(r.val_acc), _blank(r.epochs), _blank(r.wall_time_s)]
+            writer.writerow([r.number, r.state, *values, *measured, r.worker, r.error])
 
 
 def _blank(value: Any) -> Any:
