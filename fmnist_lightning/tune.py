@@ -165,7 +165,7 @@ class Objective:
 
     def __init__(self, base: Settings, space: tuple[Param, ...], study_dir: Path, seed: int) -> None:
         self.base, self.space, self.study_dir, self.seed = base, space, study_dir, seed
-        self.interrupted: TrainingInterrupted | None = None
+        self.interrupted: int | None = None  # the number of the trial Ctrl-C (or SIGTERM) stopped
 
     def __call__(self, trial: Any) -> float:
         import optuna
@@ -179,9 +179,9 @@ class Objective:
         try:
             result = run_fit(s, out=trial_dir(self.study_dir, trial.number), extra_callbacks=[pruning])
         except TrainingInterrupted as exc:  # Ctrl-C: last.ckpt saved; the trial ends as pruned
-            self.interrupted = exc
-            trial.set_user_attr("interrupted", True)
-            raise optuna.TrialPruned(str(exc)) from None
+            self.interrupted = trial.number
+            trial.set_user_attr("error", f"interrupted: {exc}")
+            raise optuna.TrialPruned("interrupted") from None
         except SystemExit as exc:
             # Lightning turns Ctrl-C before training starts into exit(1); it is still Ctrl-C.
             if isinstance(exc.__context__, KeyboardInterrupt):
@@ -242,7 +242,7 @@ def run_tune(
     result.wall_time_s = time.perf_counter() - start
     if objective.interrupted is not None:
         raise TrainingInterrupted(
-            f"{objective.interrupted}; the trial is recorded as pruned. Run the same command again to continue "
+            f"stopped trial {objective.interrupted}, recorded as pruned; run the same command again to continue "
             f"the study (summary so far in {study_dir / TRIALS_CSV})"
         )
     return result

@@ -7,9 +7,11 @@ import csv
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 import yaml
 
 from fmnist_lightning.config import resolve_settings
-from tests.helpers import free_port, need, subprocess_env
+from tests.helpers import free_port, need, subprocess_env, wait_until
 
 TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "1")
 SPACE = (
@@ -110,6 +112,26 @@ def test_study_on_real_data_writes_its_folder_and_best_yaml_reproduces(real_data
     assert code == 0, err
     refit = [float(r["val/acc"]) for r in csv.DictReader((tmp_path / "refit" / "metrics.csv").open())]
     assert max(refit) == float(best["best_val_acc"])
+
+
+def test_ctrl_c_ends_the_trial_as_pruned_and_a_rerun_continues_the_study(real_data: None, cli, tmp_path: Path) -> None:
+    need("optuna", "tune")
+    space, study = tmp_path / "space.yaml", tmp_path / "study"
+    space.write_text(SPACE)
+    args = ("--limit-train-batches", "300", "--max-epochs", "1", "--offline", "--no-progress", "--logger", "csv")
+    command = [sys.executable, "-m", "fmnist_lightning", "tune", "--space", str(space), "--trials", "2"]
+    command += ["--out", str(study), *args]
+    worker = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (study / "trial-000" / "config.yaml").exists(), 300, "the first trial")
+    time.sleep(1)  # training has started: the clean stop's handler is in place
+    worker.send_signal(signal.SIGINT)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 130 and "interrupted: stopped trial 0, recorded as pruned" in err, err[-3000:]
+    code, _, err = cli(
+        "tune", "--space", space, "--trials", "2", "--out", study, *args[2:], "--limit-train-batches", "5"
+    )
+    assert code == 0, err
+    assert [(r["number"], r["state"]) for r in _trials_csv(study)] == [("0", "PRUNED"), ("1", "COMPLETE")]
 
 
 def _worker(study: Path, space: Path, trials: int, *extra: str) -> subprocess.Popen[str]:
