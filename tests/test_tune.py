@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmnist_lightning.config import resolve_settings
-from tests.helpers import free_port, need, subprocess_env, wait_until
+from fmnist_lightning.config import Settings, resolve_settings
+from fmnist_lightning.space import load_space
+from tests.helpers import REPO, free_port, need, subprocess_env, wait_until
 
 TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "1")
 SPACE = (
@@ -52,6 +53,36 @@ def test_a_bad_space_is_one_line_and_exit_2(space: str, message: str, cli, tmp_p
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: space file {path}: ") and message in lines[0], lines[0]
     assert not (tmp_path / "study").exists()  # refused before any trial
+
+
+def test_the_shipped_space_and_its_kinds(tmp_path: Path) -> None:
+    space = load_space(REPO / "configs" / "spaces" / "dropout-lr.yaml", Settings())
+    kinds = {p.name: (p.choices, p.low, p.high, p.log, p.integer) for p in space}
+    assert kinds == {
+        "dropout": ((True, False), 0, 0, False, False),
+        "dropout_conv": ((), 0.0, 0.5, False, False),
+        "dropout_dense": ((), 0.0, 0.6, False, False),
+        "lr": ((), 1e-4, 1e-2, True, False),
+    }
+    (batch,) = load_space(_written(tmp_path, "batch_size: {low: 32, high: 256}"), Settings())
+    assert (batch.integer, batch.low, batch.high) == (True, 32, 256)
+
+
+def _written(folder: Path, text: str) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(text + "\n")
+    return path
+
+
+def test_tune_without_the_extra_names_it(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    code, _, err = cli("tune", "--space", _written(tmp_path, SPACE), "--out", tmp_path / "s", *TINY)
+    assert (
+        code == 2 and err.strip() == "error: fmnist tune needs the 'tune' extra: pip install 'fmnist-lightning[tune]'"
+    )
 
 
 def test_ddp_inside_a_trial_is_refused_in_one_line(cli, tmp_path: Path) -> None:
