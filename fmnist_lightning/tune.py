@@ -128,6 +128,10 @@ def open_study(study_dir: Path, storage: str | None, study_name: str | None, see
     import sqlalchemy.exc
 
     url = storage or f"sqlite:///{(study_dir / STUDY_DB).resolve()}"
+    try:
+        shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)  # for messages
+    except sqlalchemy.exc.ArgumentError:
+        raise UsageError(f"--storage {url!r} is not a database URL, e.g. postgresql+psycopg://user@host/db") from None
     # SQLite serialises writers; wait for a busy database instead of failing (workers on one machine).
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     # Optuna marks the heartbeat "experimental" (since 2.9); it is what keeps a dead worker's trial
@@ -148,9 +152,15 @@ def open_study(study_dir: Path, storage: str | None, study_name: str | None, see
                 ),
                 load_if_exists=True,
             )
+        except ImportError as exc:
+            cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+            raise UsageError(
+                f"no database driver for --storage {shown}{cause}; postgresql+psycopg:// comes with the 'tune' extra: "
+                f"{TUNE_EXTRA_HINT}"
+            ) from None
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.DuplicatedStudyError) as exc:
             if attempt == 2:
-                raise FmnistError(f"cannot open the study in {url}: {str(exc).splitlines()[0]}") from None
+                raise FmnistError(f"cannot open the study in {shown}: {str(exc).splitlines()[0]}") from None
             time.sleep(1 + attempt)
     raise AssertionError("unreachable")
 

@@ -226,7 +226,7 @@ def postgres_url() -> Iterator[str]:
         options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
         pg(str(bin_dir / "pg_ctl"), "-D", str(db), "-o", options, "-l", str(data / "log"), "-w", "start")
         pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "fmnist", "study")
-        yield f"postgresql+psycopg2://fmnist@127.0.0.1:{port}/study"
+        yield f"postgresql+psycopg://fmnist@127.0.0.1:{port}/study"
     finally:
         subprocess.run(
             [*as_user, str(bin_dir / "pg_ctl"), "-D", str(db), "-m", "immediate", "stop"], capture_output=True
@@ -237,7 +237,7 @@ def postgres_url() -> Iterator[str]:
 def test_two_workers_share_a_postgres_study(real_data: None, postgres_url: str, tmp_path: Path) -> None:
     """Two workers with their own study folders (as on two machines) and one study in PostgreSQL."""
     need("optuna", "tune")
-    need("psycopg2", "tune")
+    need("psycopg", "tune")
     outs = (tmp_path / "machine-a", tmp_path / "machine-b")
     _run_two_workers(tmp_path, 6, outs, "--storage", postgres_url, "--study-name", "shared")
     import optuna
