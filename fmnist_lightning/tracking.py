@@ -134,16 +134,25 @@ def parent_run(s: Settings, store_dir: Path, name: str, run_id: str | None = Non
     if "mlflow" not in s.logger:
         yield None
         return
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri(s, store_dir))
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except MlflowException:  # a run in another worker's embedded store: this store gets its own
+            run_id = None
     if run_id is None:
         run_id = client.create_run(experiment_id(s, store_dir), run_name=name).info.run_id
     token = _parent_run.set(run_id)
+    status = "KILLED"
     try:
         yield run_id
+        status = "FINISHED"
     finally:
         _parent_run.reset(token)
+        client.set_terminated(run_id, status)
 
 
 def log_parent_results(

@@ -241,8 +241,8 @@ def run_tune(
             study.stop()
 
     with parent_run(base, study_dir, study.study_name, study.user_attrs.get("mlflow_parent_run")) as parent:
-        if parent is not None:
-            study.set_user_attr("mlflow_parent_run", parent)
+        if parent is not None and "mlflow_parent_run" not in study.user_attrs:
+            study.set_user_attr("mlflow_parent_run", parent)  # for the workers that join (same store)
         if (todo := trials - taken(study)) > 0:
             study.optimize(objective, n_trials=todo, timeout=timeout, catch=(Exception,), callbacks=[stop_when_full])
         result = summarise(study, base, study_dir, storage or f"sqlite:///{study_dir / STUDY_DB}")
