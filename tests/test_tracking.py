@@ -73,6 +73,7 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         log.close()
 
 
+@pytest.mark.slow
 def test_fit_and_test_log_to_a_real_mlflow_server(real_data: None, mlflow_server: str, cli, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 

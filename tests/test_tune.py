@@ -85,6 +85,20 @@ def test_tune_without_the_extra_names_it(cli, tmp_path: Path, monkeypatch: pytes
     )
 
 
+def test_failed_trials_are_recorded_and_the_study_goes_on(real_data: None, cli, tmp_path: Path) -> None:
+    """A value the settings accept but this machine cannot run (fp16 on the CPU) fails its trial, not the study."""
+    need("optuna", "tune")
+    space = _written(tmp_path, "precision: {choices: [16-mixed]}")
+    code, out, err = cli(
+        "tune", "--space", space, "--trials", "2", "--accelerator", "cpu", "--out", tmp_path / "s", *TINY
+    )
+    assert code == 0, err
+    rows = _trials_csv(tmp_path / "s")
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"]
+    assert all("precision 16-mixed needs a GPU" in r["error"] for r in rows)
+    assert "no trial completed yet" in out and not (tmp_path / "s" / "best.yaml").exists()
+
+
 def test_ddp_inside_a_trial_is_refused_in_one_line(cli, tmp_path: Path) -> None:
     need("optuna", "tune")
     path = tmp_path / "space.yaml"
@@ -234,6 +248,7 @@ def postgres_url() -> Iterator[str]:
         shutil.rmtree(data, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_two_workers_share_a_postgres_study(real_data: None, postgres_url: str, tmp_path: Path) -> None:
     """Two workers with their own study folders (as on two machines) and one study in PostgreSQL."""
     need("optuna", "tune")
