@@ -11,7 +11,7 @@ run trials until the study holds `trials` of them, then write the study folder's
 
 Sampling is TPE seeded from --seed and the trial number, pruning a median pruner on each epoch's
 val/acc. Several processes (or machines) can work on one study: give them the same --storage
-(an RDB URL such as postgresql://...) and --study-name. `--trials N` is the size of the study, not
+(an RDB URL such as postgresql+psycopg://...) and --study-name. `--trials N` is the size of the study, not
 of one process: every worker stops once N trials are finished or running, so a rerun of the same
 command continues an interrupted study up to N.
 """
@@ -73,12 +73,10 @@ class TrialRow:
 class TuneResult:
     study_dir: Path
     study_name: str
-    storage: str
     rows: list[TrialRow]  # every trial of the study, by number
     best: TrialRow | None
     best_yaml: Path | None
     plots: list[Path]
-    wall_time_s: float  # this process's
 
 
 class PruneOnValAcc(Callback):
@@ -137,7 +135,8 @@ def open_study(study_dir: Path, storage: str | None, study_name: str | None, see
     # Optuna marks the heartbeat "experimental" (since 2.9); it is what keeps a dead worker's trial
     # from holding the study's budget forever.
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    for attempt in range(3):  # workers starting together on a new database race to create its tables
+    attempt = 0
+    while True:  # workers starting together on a new database race to create its tables: retry
         try:
             rdb = optuna.storages.RDBStorage(
                 url, engine_kwargs=engine, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S
@@ -159,10 +158,10 @@ def open_study(study_dir: Path, storage: str | None, study_name: str | None, see
                 f"{TUNE_EXTRA_HINT}"
             ) from None
         except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.DuplicatedStudyError) as exc:
-            if attempt == 2:
+            attempt += 1
+            if attempt == 3:
                 raise FmnistError(f"cannot open the study in {shown}: {str(exc).splitlines()[0]}") from None
-            time.sleep(1 + attempt)
-    raise AssertionError("unreachable")
+            time.sleep(attempt)
 
 
 def taken(study: Any) -> int:
@@ -230,7 +229,6 @@ def run_tune(
     check_single_process(base)
     import optuna
 
-    start = time.perf_counter()
     study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.get_logger("optuna").setLevel(logging.INFO)
     study = open_study(study_dir, storage, study_name, base.seed)
@@ -245,11 +243,10 @@ def run_tune(
             study.set_user_attr("mlflow_parent_run", parent)  # for the workers that join (same store)
         if (todo := trials - taken(study)) > 0:
             study.optimize(objective, n_trials=todo, timeout=timeout, catch=(Exception,), callbacks=[stop_when_full])
-        result = summarise(study, base, study_dir, storage or f"sqlite:///{study_dir / STUDY_DB}")
+        result = summarise(study, base, study_dir)
         if parent is not None and result.best is not None:
             files = [study_dir / TRIALS_CSV, *result.plots, *([result.best_yaml] if result.best_yaml else [])]
             log_parent_results(base, study_dir, parent, {f"best_{MONITOR}": result.best.val_acc or 0.0}, files)
-    result.wall_time_s = time.perf_counter() - start
     if objective.interrupted is not None:
         raise TrainingInterrupted(
             f"stopped trial {objective.interrupted}, recorded as pruned; run the same command again to continue "
@@ -277,7 +274,7 @@ def trial_rows(study: Any) -> list[TrialRow]:
     return rows
 
 
-def summarise(study: Any, base: Settings, study_dir: Path, storage: str) -> TuneResult:
+def summarise(study: Any, base: Settings, study_dir: Path) -> TuneResult:
     """trials.csv, best.yaml and the plots, from every trial in the study (all workers')."""
     rows = trial_rows(study)
     write_trials_csv(rows, study_dir / TRIALS_CSV)
@@ -288,7 +285,7 @@ def summarise(study: Any, base: Settings, study_dir: Path, storage: str) -> Tune
         best_yaml = study_dir / BEST_YAML
         write_best_yaml(with_value(base, best.params), best, best_yaml)
     plots = write_plots(study, study_dir)
-    return TuneResult(study_dir, study.study_name, storage, rows, best, best_yaml, plots, 0.0)
+    return TuneResult(study_dir, study.study_name, rows, best, best_yaml, plots)
 
 
 def write_trials_csv(rows: list[TrialRow], path: Path) -> None:
