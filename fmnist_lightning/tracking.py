@@ -104,7 +104,8 @@ def _mlflow_logger(s: Settings, run_dir: Path) -> Any:
     logger = MLFlowLogger(
         experiment_name=s.experiment, run_name=run_dir.name, tracking_uri=uri, tags=tags, run_id=resumed
     )
-    logger.log_hyperparams(s.model_dump())
+    if resumed is None:  # MLflow refuses to change a param: a resumed run keeps the settings it started with
+        logger.log_hyperparams(s.model_dump())
     (run_dir / MLFLOW_RUN).write_text(json.dumps({"tracking_uri": uri, "run_id": logger.run_id}) + "\n")
     return logger
 
