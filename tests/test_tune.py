@@ -205,6 +205,7 @@ def _check_shared(rows: list[dict[str, str]], trials: int, outs: tuple[Path, ...
             assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "best.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_two_workers_share_the_default_sqlite_study(real_data: None, tmp_path: Path) -> None:
     need("optuna", "tune")
     study = tmp_path / "study"
