@@ -99,6 +99,11 @@ class EpochMetricsCSV(Callback):
             if new:
                 writer.writeheader()
             writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+        # TensorBoard and MLflow see only what the model logs; add what is measured here, at the
+        # step Lightning gives the epoch's own metrics (that of its last optimiser step).
+        measured = {k: float(row[k]) for k in ("lr", "images_per_s") if row[k] != ""}
+        for logger in trainer.loggers:
+            logger.log_metrics(measured, step=max(trainer.global_step - 1, 0))
 
 
 def run_environment(trainer: L.Trainer) -> dict[str, Any]:

@@ -35,8 +35,8 @@ from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, new
 
 app = typer.Typer(
     name="fmnist",
-    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, test, predict-samples, "
-    "compare, bench, predict, export, report.",
+    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, tune, test, "
+    "predict-samples, compare, bench, predict, export, report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -89,16 +89,18 @@ def _option(name: str, info: Any) -> inspect.Parameter:
     kind = info.annotation
     args = typing.get_args(kind)
     decls = [option_name(name)]
-    default = info.default
+    default, metavar = info.default, None
     if kind is bool:
         decls = [f"{option_name(name)}/--no-{option_name(name)[2:]}"]
-    elif typing.get_origin(kind) is tuple:  # a comma-separated list on the command line
-        kind, default = str, ",".join(default)
+    elif typing.get_origin(kind) is tuple:  # repeated, or a comma-separated list, on the command line
+        kind, default, metavar = list[str], list(default), "<text>"
     elif int in args and float in args:  # Lightning's limits: "10" is a count, "0.5" a fraction
         kind, default = str, str(default)
     elif type(None) in args:  # `int | None`: not set unless given
         kind = Optional[next(a for a in args if a is not type(None))]
-    option = typer.Option(default, *decls, help=info.description, show_default=default is not None or "not set")
+    option = typer.Option(
+        default, *decls, help=info.description, show_default=default is not None or "not set", metavar=metavar
+    )
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
 
 
@@ -324,6 +326,51 @@ def compare(
         rows = run_compare(resolve_settings(config, given), out)
         if rows is not None:
             render.compare(rows)
+
+
+@app.command()
+@with_options(Settings, ALL_SETTINGS)
+def tune(
+    given: dict[str, Any],
+    space: Annotated[
+        Path,
+        typer.Option(help="YAML search space: setting names to {low, high[, log]} or {choices}.", show_default=False),
+    ],
+    config: ConfigOption = None,
+    trials: Annotated[
+        int, typer.Option(min=1, help="Trials in the study, all workers together (a rerun continues up to N).")
+    ] = 20,
+    timeout: Annotated[
+        Optional[float], typer.Option(min=0, help="Start no new trial after this many seconds.", show_default="none")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Study folder. Default: runs/tune-SPACE (SPACE: the space file's name).")
+    ] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Optuna storage URL shared by several workers, e.g. postgresql://host/db.",
+            show_default="sqlite study.db in the study folder",
+        ),
+    ] = None,
+    study_name: Annotated[
+        Optional[str], typer.Option(help="Study name in the storage.", show_default="the study folder's name")
+    ] = None,
+) -> None:
+    """Search settings with Optuna: TPE sampling, median pruning on val/acc, each trial a run folder.
+
+    Writes trials.csv, best.yaml (for fit --config) and plots into the study folder. Ctrl-C ends the
+    current trial as pruned; the same command again continues the study.
+    """
+    with user_errors():
+        from fmnist_lightning.space import load_space
+        from fmnist_lightning.tune import require_optuna, run_tune
+
+        require_optuna()
+        base = resolve_settings(config, given)
+        params = load_space(space, base)
+        study_dir = out or Path("runs") / f"tune-{space.stem}"
+        render.tune_summary(run_tune(base, params, trials, study_dir, timeout, storage, study_name))
 
 
 @app.command()

@@ -46,6 +46,18 @@ Rate = Annotated[float, Number, Field(ge=0, lt=1)]
 BatchLimit = Annotated[int | float, Number]
 
 
+def _comma_list(value: Any) -> Any:
+    """'a,b' or ['a', 'b,c'] (an option given several times, or a YAML list) -> ('a', 'b', 'c')."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(part.strip() for v in value for part in v.split(",") if part.strip())
+    return value
+
+
+Logger = Literal["csv", "tensorboard", "mlflow"]
+
+
 class StrictModel(BaseModel):
     """Unknown keys and wrong types are errors; a model is a value (frozen)."""
 
@@ -180,6 +192,19 @@ class Settings(StrictModel):
         description="Sanity check: train on the same N batches every epoch, validate on N (a count, or a fraction; "
         "0: off).",
     )
+    # Experiment tracking (metrics.csv is always written).
+    logger: Annotated[tuple[Logger, ...], BeforeValidator(_comma_list)] = Field(
+        ("tensorboard",),
+        min_length=1,
+        description="Where metrics also go: csv (metrics.csv only), tensorboard (when installed), mlflow (needs "
+        "the 'tracking' extra). Repeat the option or give a comma list.",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI, e.g. a server's http://host:5000. Default: sqlite mlflow.db in the run "
+        "folder's parent, artifacts in mlartifacts/ beside it.",
+    )
+    experiment: str = Field("fmnist", min_length=1, description="MLflow experiment name.")
 
     @field_validator("limit_train_batches", "limit_val_batches", "val_check_interval")
     @classmethod
@@ -209,10 +234,6 @@ class Settings(StrictModel):
 
 BenchPath = Literal["raw", "fmnist", "typical", "fmnist-fast"]
 TRAIN_IMAGES = 55000  # the training split: what one epoch of `bench --epochs` means
-
-
-def _comma_list(value: Any) -> Any:
-    return tuple(part.strip() for part in value.split(",") if part.strip()) if isinstance(value, str) else value
 
 
 class BenchConfig(StrictModel):

@@ -29,7 +29,9 @@ from fmnist_lightning.runs import (
     PREDICTIONS,
     TEST_REPORT,
     check_output_dir,
+    default_out_for,
 )
+from fmnist_lightning.tracking import log_run_files
 
 MAX_SAMPLES = 100  # images per grid in predict-samples: more would not be readable (nor fit a PNG)
 
@@ -207,6 +209,7 @@ def run_test(ckpt: Path, s: Settings, out: Path) -> tuple[TestResults, dict[str,
         return results, None
     report = classification_report(results)
     write_test_outputs(results, report, out)
+    log_run_files(default_out_for(ckpt), (out / TEST_REPORT, out / CONFUSION_MATRIX))
     return results, report
 
 

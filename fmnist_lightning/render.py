@@ -199,3 +199,39 @@ def export_summary(path: Path, fmt: str, result: Any, extra_hint: str, tolerance
         n = result.checked_images
         console.print(f"checked against PyTorch with {result.runtime} on {n} test images (batches of 1 and {n}):")
         console.print(f"  max |logit difference| {result.max_abs_diff:.2e} (tolerance {tolerance:g})")
+
+
+def tune_summary(result: Any, top: int = 10) -> None:
+    """The study's best trials (by best val/acc), its counts, and where best.yaml is."""
+    rows = sorted((r for r in result.rows if r.val_acc is not None), key=lambda r: -r.val_acc)[:top]
+    names = sorted({name for r in result.rows for name in r.params})
+    counts = {state: sum(r.state == state for r in result.rows) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    title = (
+        f"Study {result.study_name}: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
+        + (f", {counts['RUNNING']} running" if counts["RUNNING"] else "")
+        + f" (top {len(rows)} by best val/acc)"
+    )
+    table = Table(title=title)
+    for column in ("trial", "state", *names, "best val/acc", "epochs", "wall s"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        values = [_param_text(r.params.get(n)) for n in names]
+        table.add_row(
+            str(r.number), r.state.lower(), *values, f"{r.val_acc:.4f}", str(r.epochs), f"{r.wall_time_s:.0f}"
+        )
+    console.print(table)
+    if result.plots:
+        wrote(result.study_dir / "trials.csv", *result.plots)
+    if result.best_yaml is not None:
+        console.print(
+            f"best: trial {result.best.number} (val/acc {result.best.val_acc:.4f}); its settings: "
+            f"{escape(str(result.best_yaml))} (fmnist fit --config {escape(str(result.best_yaml))})"
+        )
+    else:
+        console.print("no trial completed yet: no best.yaml")
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return "" if value is None else str(value)

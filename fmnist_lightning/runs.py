@@ -37,12 +37,13 @@ INCORRECT_SAMPLES = "incorrect.png"
 HTML_REPORT = "report.html"
 TENSORBOARD_DIR = "tensorboard"
 PROFILE = "profile"  # Lightning's profilers name their reports fit-profile.txt and the like
+MLFLOW_RUN = "mlflow-run.json"  # this run's MLflow tracking URI and run id (with --logger mlflow)
 LOCK = ".lock"
 
 FIT_FILES = (CONFIG, METRICS, CURVES)  # written by `fmnist fit`, besides its checkpoints
 TEST_FILES = (TEST_REPORT, PREDICTIONS, CONFUSION_MATRIX)  # written by `fmnist test`
 SAMPLE_FILES = (CORRECT_SAMPLES, INCORRECT_SAMPLES)  # written by `fmnist predict-samples`
-RUN_FILES = (*FIT_FILES, BEST_CHECKPOINT, LAST_CHECKPOINT, *TEST_FILES, *SAMPLE_FILES, HTML_REPORT)
+RUN_FILES = (*FIT_FILES, BEST_CHECKPOINT, LAST_CHECKPOINT, *TEST_FILES, *SAMPLE_FILES, HTML_REPORT, MLFLOW_RUN)
 RUN_FILE_PATTERNS = ("hpc_ckpt_*.ckpt",)  # Lightning's SLURM requeue checkpoints
 RUN_FOLDERS = (TENSORBOARD_DIR,)
 

@@ -39,7 +39,6 @@ from fmnist_lightning.runs import (
     LAST_CHECKPOINT,
     METRICS,
     PROFILE,
-    TENSORBOARD_DIR,
     claimed_run_dir,
     newest_checkpoint,
     prepare_run_dir,
@@ -49,6 +48,7 @@ from fmnist_lightning.runs import (
     remove_unstarted,
     run_lock,
 )
+from fmnist_lightning.tracking import build_loggers, log_run_files
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,6 @@ def build_model(s: Settings, datamodule: FashionMNISTDataModule) -> FashionClass
     if s.compile:
         model.net.compile()  # in place: state_dict keys stay the same as without compile
     return model
-
-
-def _logger(run_dir: Path) -> object:
-    try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        return TensorBoardLogger(save_dir=str(run_dir), name=TENSORBOARD_DIR, version="")
-    except ModuleNotFoundError:
-        return False
 
 
 def trainer_options(s: Settings, run_dir: Path) -> dict[str, Any]:
@@ -160,7 +151,7 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
         limit_train_batches=s.limit_train_batches,
         limit_val_batches=s.limit_val_batches,
         callbacks=callbacks,
-        logger=_logger(run_dir),  # type: ignore[arg-type]
+        logger=build_loggers(s, run_dir),
         default_root_dir=str(run_dir),
         enable_progress_bar=s.progress,
         enable_model_summary=False,
@@ -298,6 +289,7 @@ def _train(
         from fmnist_lightning.plots import plot_curves
 
         plot_curves(rows, run_dir / CURVES)
+        log_run_files(run_dir, (run_dir / CONFIG, run_dir / CURVES))
     return FitResult(
         run_dir=run_dir,
         best_checkpoint=run_dir / BEST_CHECKPOINT,

@@ -54,3 +54,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def need(module: str, extra: str) -> None:
+    """Skip when an optional package is missing; in CI (which installs every extra) fail instead."""
+    import importlib.util
+    import os
+
+    import pytest
+
+    if importlib.util.find_spec(module) is None:
+        message = f"{module} is not installed: pip install 'fmnist-lightning[{extra}]'"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for an `fmnist` subprocess: this checkout's package, a wide terminal."""
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **extra}
+
+
+def wait_until(ready: Any, timeout_s: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
+        time.sleep(0.5)

@@ -1,0 +1,170 @@
+"""Experiment tracking: the loggers a run's `--logger` asks for, and what MLflow records of a run.
+
+metrics.csv is always written (callbacks.EpochMetricsCSV); `--logger` adds TensorBoard (when
+installed) and MLflow (the 'tracking' extra) through Lightning's loggers. MLflow records the
+resolved settings as params, the per-epoch metrics, and the run folder's config.yaml, curves.png
+and, after a test, report.json and confusion_matrix.png as artifacts.
+
+Without `--tracking-uri` the MLflow store is embedded: a SQLite file in the run folder's parent
+(runs/mlflow.db for runs/001, STUDY/mlflow.db for a study's trials), artifacts in mlartifacts/
+beside it: no server, and every run of that folder lands in one store. The run's MLflow id is kept
+in the run folder (mlflow-run.json), so a resumed fit continues the same MLflow run and a later
+`fmnist test` attaches its report to it.
+
+mlflow and lightning are imported inside the functions: reading this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from fmnist_lightning.config import Settings
+from fmnist_lightning.errors import UsageError
+from fmnist_lightning.hardware import is_global_zero
+from fmnist_lightning.runs import MLFLOW_RUN, TENSORBOARD_DIR
+
+TRACKING_EXTRA_HINT = "pip install 'fmnist-lightning[tracking]'"
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow nests a run under another (its UI shows the tree)
+
+# The MLflow run new runs are nested under (a study's run while `tune` runs its trials). A context
+# rather than a parameter: the trial's Trainer is built deep inside `run_fit`.
+_parent_run: ContextVar[str | None] = ContextVar("parent_run", default=None)
+
+
+def require_mlflow() -> None:
+    if importlib.util.find_spec("mlflow") is None:
+        raise UsageError(f"--logger mlflow needs the 'tracking' extra: {TRACKING_EXTRA_HINT}")
+
+
+def tracking_uri(s: Settings, store_dir: Path) -> str:
+    """--tracking-uri, or the embedded SQLite store in `store_dir`."""
+    return s.tracking_uri or f"sqlite:///{(store_dir / MLFLOW_DB).resolve()}"
+
+
+def _artifact_location(s: Settings, store_dir: Path) -> str | None:
+    # A server decides where artifacts go; the embedded store keeps them beside its database.
+    return None if s.tracking_uri else (store_dir / MLFLOW_ARTIFACTS).resolve().as_uri()
+
+
+def experiment_id(s: Settings, store_dir: Path) -> str:
+    """The id of `s.experiment` in the store, created if needed (tolerating a worker that creates
+    it at the same moment)."""
+    require_mlflow()
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(s, store_dir))
+    for _ in range(2):
+        found = client.get_experiment_by_name(s.experiment)
+        if found is not None:
+            return str(found.experiment_id)
+        try:
+            return str(client.create_experiment(s.experiment, artifact_location=_artifact_location(s, store_dir)))
+        except MlflowException:
+            continue  # created by another process in between: read it back
+    raise UsageError(f"cannot create MLflow experiment {s.experiment!r} at {tracking_uri(s, store_dir)}")
+
+
+def build_loggers(s: Settings, run_dir: Path) -> list[Any]:
+    """Lightning loggers for `s.logger` (an empty list: metrics.csv only)."""
+    loggers: list[Any] = []
+    if "tensorboard" in s.logger:
+        try:
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            loggers.append(TensorBoardLogger(save_dir=str(run_dir), name=TENSORBOARD_DIR, version=""))
+        except ModuleNotFoundError:
+            pass  # tensorboard is optional: without it, the default logs metrics.csv only (as always)
+    if "mlflow" in s.logger:
+        loggers.append(_mlflow_logger(s, run_dir))
+    return loggers
+
+
+def _mlflow_logger(s: Settings, run_dir: Path) -> Any:
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    store = run_dir.parent
+    uri = tracking_uri(s, store)
+    tags = {"fmnist.run_dir": str(run_dir)}
+    if parent := _parent_run.get():
+        tags[PARENT_RUN_TAG] = parent
+    if not is_global_zero():  # Lightning's loggers write from rank 0 only
+        return MLFlowLogger(experiment_name=s.experiment, tracking_uri=uri)
+    experiment_id(s, store)
+    saved = _saved_run(run_dir)
+    resumed = saved["run_id"] if saved and saved["tracking_uri"] == uri else None
+    logger = MLFlowLogger(
+        experiment_name=s.experiment, run_name=run_dir.name, tracking_uri=uri, tags=tags, run_id=resumed
+    )
+    if resumed is None:  # MLflow refuses to change a param: a resumed run keeps the settings it started with
+        logger.log_hyperparams(s.model_dump())
+    (run_dir / MLFLOW_RUN).write_text(json.dumps({"tracking_uri": uri, "run_id": logger.run_id}) + "\n")
+    return logger
+
+
+def _saved_run(run_dir: Path) -> dict[str, str] | None:
+    path = run_dir / MLFLOW_RUN
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def log_run_files(run_dir: Path, files: Iterable[Path]) -> None:
+    """Attach these files to the run folder's MLflow run as artifacts (nothing without one)."""
+    saved = _saved_run(run_dir)
+    if saved is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(saved["tracking_uri"])
+    for path in files:
+        if path.is_file():
+            client.log_artifact(saved["run_id"], str(path))
+
+
+@contextmanager
+def parent_run(s: Settings, store_dir: Path, name: str, run_id: str | None = None) -> Iterator[str | None]:
+    """While inside, new MLflow runs are children of the run `name` (`run_id` if it exists, else a
+    new one); yields its id, or None when `s.logger` has no mlflow."""
+    if "mlflow" not in s.logger:
+        yield None
+        return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(s, store_dir))
+    if run_id is not None:
+        try:
+            client.get_run(run_id)
+        except MlflowException:  # a run in another worker's embedded store: this store gets its own
+            run_id = None
+    if run_id is None:
+        run_id = client.create_run(experiment_id(s, store_dir), run_name=name).info.run_id
+    token = _parent_run.set(run_id)
+    status = "KILLED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    finally:
+        _parent_run.reset(token)
+        client.set_terminated(run_id, status)
+
+
+def log_parent_results(
+    s: Settings, store_dir: Path, run_id: str, metrics: dict[str, float], files: Iterable[Path]
+) -> None:
+    """The study's summary on its parent run: the best value, and its table and plots as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(s, store_dir))
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    for path in files:
+        if path.is_file():
+            client.log_artifact(run_id, str(path))

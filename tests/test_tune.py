@@ -1,0 +1,266 @@
+"""`fmnist tune`: bad search spaces, a real study whose best.yaml reproduces its best trial, and two
+workers sharing one study (SQLite on one machine; a real PostgreSQL server as for several machines)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fmnist_lightning.config import Settings, resolve_settings
+from fmnist_lightning.space import load_space
+from tests.helpers import ROOT, free_port, need, subprocess_env, wait_until
+
+TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "1")
+SPACE = (
+    "lr: {low: 1e-4, high: 1e-2, log: true}\ndropout_conv: {low: 0.0, high: 0.5}\ndropout: {choices: [true, false]}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ("lrr: {low: 1e-4, high: 1e-2}", "unknown setting 'lrr'; known settings: network, dropout,"),
+        ("lr: {low: 1e-2, high: 1e-4, log: true}", "lr: empty range: low 0.01 must be below high 0.0001"),
+        ("dropout_conv: {low: 0.1, high: 0.1}", "dropout_conv: empty range: low 0.1 must be below high 0.1"),
+        ("batch_size: {low: 32.5, high: 256}", "batch_size takes integers: the range's bounds must be integers"),
+        ("dropout: {low: 0, high: 1}", "dropout is a bool setting, not a number: give choices"),
+        ("lr: {low: small, high: 1e-2}", "lr: low must be a number, got 'small'"),
+        ("batch_size: {choices: [64, 128.0]}", "setting 'batch_size' must be of type int, got 128.0 (float)"),
+        ("dropout_conv: {low: 0.0, high: 1.5}", r"dropout_conv must be in [0, 1), got 1.5"),
+        ("optimizer: {choices: [adam, lion]}", "optimizer must be one of adam, adamw, sgd; got 'lion'"),
+        ("batch_size: {low: 0, high: 64}", "batch_size must be a positive integer, got 0"),
+    ],
+)
+def test_a_bad_space_is_one_line_and_exit_2(space: str, message: str, cli, tmp_path: Path) -> None:
+    need("optuna", "tune")
+    path = tmp_path / "space.yaml"
+    path.write_text(space + "\n")
+    code, _, err = cli("tune", "--space", path, "--trials", "2", "--out", tmp_path / "study", *TINY)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, err
+    assert lines[0].startswith(f"error: space file {path}: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "study").exists()  # refused before any trial
+
+
+def test_the_shipped_space_and_its_kinds(tmp_path: Path) -> None:
+    space = load_space(ROOT / "configs" / "spaces" / "dropout-lr.yaml", Settings())
+    kinds = {p.name: (p.choices, p.low, p.high, p.log, p.integer) for p in space}
+    assert kinds == {
+        "dropout": ((True, False), 0, 0, False, False),
+        "dropout_conv": ((), 0.0, 0.5, False, False),
+        "dropout_dense": ((), 0.0, 0.6, False, False),
+        "lr": ((), 1e-4, 1e-2, True, False),
+    }
+    (batch,) = load_space(_written(tmp_path, "batch_size: {low: 32, high: 256}"), Settings())
+    assert (batch.integer, batch.low, batch.high) == (True, 32, 256)
+
+
+def _written(folder: Path, text: str) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(text + "\n")
+    return path
+
+
+def test_tune_without_the_extra_names_it(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    code, _, err = cli("tune", "--space", _written(tmp_path, SPACE), "--out", tmp_path / "s", *TINY)
+    assert (
+        code == 2 and err.strip() == "error: fmnist tune needs the 'tune' extra: pip install 'fmnist-lightning[tune]'"
+    )
+
+
+def test_failed_trials_are_recorded_and_the_study_goes_on(real_data: None, cli, tmp_path: Path) -> None:
+    """A value the settings accept but this machine cannot run (fp16 on the CPU) fails its trial, not the study."""
+    need("optuna", "tune")
+    space = _written(tmp_path, "precision: {choices: [16-mixed]}")
+    code, out, err = cli(
+        "tune", "--space", space, "--trials", "2", "--accelerator", "cpu", "--out", tmp_path / "s", *TINY
+    )
+    assert code == 0, err
+    rows = _trials_csv(tmp_path / "s")
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"]
+    assert all("precision 16-mixed needs a GPU" in r["error"] for r in rows)
+    assert "no trial completed yet" in out and not (tmp_path / "s" / "best.yaml").exists()
+
+
+def test_ddp_inside_a_trial_is_refused_in_one_line(cli, tmp_path: Path) -> None:
+    need("optuna", "tune")
+    path = tmp_path / "space.yaml"
+    path.write_text(SPACE)
+    code, _, err = cli(
+        "tune", "--space", path, "--accelerator", "cpu", "--devices", "2", "--out", tmp_path / "s", *TINY
+    )
+    assert code == 2 and err.count("\n") == 1 and "DDP inside a trial is not supported" in err, err
+
+
+def _trials_csv(study: Path) -> list[dict[str, str]]:
+    with (study / "trials.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_study_on_real_data_writes_its_folder_and_best_yaml_reproduces(real_data: None, cli, tmp_path: Path) -> None:
+    """Three deterministic trials of two short epochs, tracked in MLflow; best.yaml refits to the same val/acc."""
+    need("optuna", "tune")
+    need("mlflow", "tracking")
+    space, study = tmp_path / "space.yaml", tmp_path / "study"
+    space.write_text(SPACE)
+    limits = ("--limit-train-batches", "8", "--limit-val-batches", "4", "--max-epochs", "2")
+    args = ("tune", "--space", space, "--trials", "3", "--out", study, "--deterministic", "--offline", "--no-progress")
+    code, out, err = cli(*args, *limits, "--logger", "csv,mlflow")
+    assert code == 0, err
+    rows = _trials_csv(study)
+    assert [r["number"] for r in rows] == ["0", "1", "2"] and {r["state"] for r in rows} == {"COMPLETE"}
+    assert {"lr", "dropout_conv", "dropout", "best_val_acc", "epochs", "wall_time_s"} <= set(rows[0])
+    for r in rows:  # each trial is an ordinary run folder
+        trial = study / f"trial-{int(r['number']):03d}"
+        assert (trial / "checkpoints" / "best.ckpt").is_file() and (trial / "config.yaml").is_file()
+        assert r["epochs"] == "2"
+    for plot in ("history.png", "importances.png", "slice.png"):
+        assert (study / plot).stat().st_size > 1000, plot
+    best = max(rows, key=lambda r: float(r["best_val_acc"]))
+    assert f"best: trial {best['number']}" in out and "best.yaml" in out
+
+    # best.yaml holds setting keys only, with the best trial's parameters.
+    settings = resolve_settings(study / "best.yaml")
+    assert settings.lr == pytest.approx(float(best["lr"]), rel=1e-12)
+    assert settings.dropout == (best["dropout"] == "True")
+    assert (settings.max_epochs, settings.limit_train_batches, settings.deterministic) == (2, 8, True)
+
+    # MLflow: one parent run for the study, each trial a child run.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{study / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("fmnist")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and sorted(r.info.run_name for r in children) == ["trial-000", "trial-001", "trial-002"]
+
+    # Refit from best.yaml alone: the same best val/acc, exactly (CPU, --deterministic, same seed).
+    code, _, err = cli("fit", "--config", study / "best.yaml", "--logger", "csv", "--out", tmp_path / "refit")
+    assert code == 0, err
+    refit = [float(r["val/acc"]) for r in csv.DictReader((tmp_path / "refit" / "metrics.csv").open())]
+    assert max(refit) == float(best["best_val_acc"])
+
+
+def test_ctrl_c_ends_the_trial_as_pruned_and_a_rerun_continues_the_study(real_data: None, cli, tmp_path: Path) -> None:
+    need("optuna", "tune")
+    space, study = tmp_path / "space.yaml", tmp_path / "study"
+    space.write_text(SPACE)
+    args = ("--limit-train-batches", "300", "--max-epochs", "1", "--offline", "--no-progress", "--logger", "csv")
+    command = [sys.executable, "-m", "fmnist_lightning", "tune", "--space", str(space), "--trials", "2"]
+    command += ["--out", str(study), *args]
+    worker = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: (study / "trial-000" / "config.yaml").exists(), 300, "the first trial")
+    time.sleep(1)  # training has started: the clean stop's handler is in place
+    worker.send_signal(signal.SIGINT)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 130 and "interrupted: stopped trial 0, recorded as pruned" in err, err[-3000:]
+    code, _, err = cli(
+        "tune", "--space", space, "--trials", "2", "--out", study, *args[2:], "--limit-train-batches", "5"
+    )
+    assert code == 0, err
+    assert [(r["number"], r["state"]) for r in _trials_csv(study)] == [("0", "PRUNED"), ("1", "COMPLETE")]
+
+
+def _worker(study: Path, space: Path, trials: int, *extra: str) -> subprocess.Popen[str]:
+    args = [sys.executable, "-m", "fmnist_lightning", "tune", "--space", str(space), "--trials", str(trials)]
+    args += ["--out", str(study), *TINY, "--logger", "csv", *extra]
+    return subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run_two_workers(tmp_path: Path, trials: int, outs: tuple[Path, Path], *extra: str) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(SPACE)
+    workers = [_worker(out, space, trials, *extra) for out in outs]
+    for worker in workers:
+        output, _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, output[-3000:]
+
+
+def _check_shared(rows: list[dict[str, str]], trials: int, outs: tuple[Path, ...]) -> None:
+    """All trials finished, each number once, each trial's run folder in exactly one worker's folder."""
+    assert sorted(int(r["number"]) for r in rows) == list(range(trials))
+    assert all(r["state"] in ("COMPLETE", "PRUNED") for r in rows), rows
+    folders = [p.name for out in outs for p in out.glob("trial-*")]
+    assert sorted(folders) == [f"trial-{n:03d}" for n in range(trials)]
+    for out in outs:
+        for folder in out.glob("trial-*"):
+            assert (folder / "config.yaml").is_file() and (folder / "checkpoints" / "best.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_two_workers_share_the_default_sqlite_study(real_data: None, tmp_path: Path) -> None:
+    need("optuna", "tune")
+    study = tmp_path / "study"
+    _run_two_workers(tmp_path, 6, (study, study))
+    rows = _trials_csv(study)
+    _check_shared(rows, 6, (study,))
+    per_worker = Counter(r["worker"] for r in rows)
+    assert len(per_worker) == 2, per_worker  # both took trials
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server for this test: initdb in a temporary folder, on a free port of 127.0.0.1."""
+    found = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
+    if found is None:
+        message = "PostgreSQL is not installed (apt-get install postgresql)"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+    bin_dir = Path(found).resolve().parent  # initdb may be a link; createdb lies beside the real one
+    as_user: list[str] = []
+    data = Path(tempfile.mkdtemp(prefix="fmnist-pg-"))
+    if os.geteuid() == 0:  # the server refuses to run as root: run it as the postgres user
+        user = pwd.getpwnam("postgres")
+        os.chown(data, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+    db = data / "db"
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, text=True, timeout=120)
+
+    try:
+        pg(str(bin_dir / "initdb"), "-D", str(db), "-A", "trust", "-U", "fmnist", "--no-sync")
+        options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        pg(str(bin_dir / "pg_ctl"), "-D", str(db), "-o", options, "-l", str(data / "log"), "-w", "start")
+        pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "fmnist", "study")
+        yield f"postgresql+psycopg://fmnist@127.0.0.1:{port}/study"
+    finally:
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(db), "-m", "immediate", "stop"], capture_output=True
+        )
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_postgres_study(real_data: None, postgres_url: str, tmp_path: Path) -> None:
+    """Two workers with their own study folders (as on two machines) and one study in PostgreSQL."""
+    need("optuna", "tune")
+    need("psycopg", "tune")
+    outs = (tmp_path / "machine-a", tmp_path / "machine-b")
+    _run_two_workers(tmp_path, 6, outs, "--storage", postgres_url, "--study-name", "shared")
+    import optuna
+
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    rows = [{"number": str(t.number), "state": t.state.name} for t in study.get_trials()]
+    _check_shared(rows, 6, outs)
+    assert all(any(out.glob("trial-*")) for out in outs)  # both took trials
+    assert all(len(_trials_csv(out)) == 6 for out in outs)  # each worker's summary covers the whole study
+    assert all(yaml.safe_load((out / "best.yaml").read_text())["lr"] > 0 for out in outs)
