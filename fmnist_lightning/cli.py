@@ -2,25 +2,20 @@
 
 Each command parses its options, calls one library function and renders the result. The options
 of `fit`, `compare`, `bench` and the rest are generated from the fields of the settings models
-(`config.Settings`, `config.BenchConfig`: name, type, default, constraints, help), so YAML keys,
-CLI options and `config.yaml` never drift apart. An option counts as given when Click says it came
-from the command line (`ctx.get_parameter_source`); only those override the config file.
+(`config.Settings`, `config.BenchConfig`) by `options.with_options`.
 
 torch and lightning are imported inside the commands: `fmnist --help` stays fast.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import json
 import logging
 import os
 import sys
 import traceback
-import typing
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
@@ -28,9 +23,10 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 
 from fmnist_lightning import __version__, render
-from fmnist_lightning.config import BenchConfig, Settings, StrictModel, from_options, option_name, resolve_settings
+from fmnist_lightning.config import BenchConfig, Settings, from_options, resolve_settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import close_process_group, is_global_zero
+from fmnist_lightning.options import with_options
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
 
 app = typer.Typer(
@@ -82,58 +78,6 @@ def _stopped_by_ctrl_c() -> NoReturn:
     if is_global_zero():
         render.problem("interrupted", "stopped by Ctrl-C")
     raise typer.Exit(TrainingInterrupted.exit_code)
-
-
-def _option(name: str, info: Any) -> inspect.Parameter:
-    """A keyword parameter whose default is the typer.Option for one model field."""
-    kind = info.annotation
-    args = typing.get_args(kind)
-    decls = [option_name(name)]
-    default, metavar = info.default, None
-    if kind is bool:
-        decls = [f"{option_name(name)}/--no-{option_name(name)[2:]}"]
-    elif typing.get_origin(kind) is tuple:  # repeated, or a comma-separated list, on the command line
-        kind, default, metavar = list[str], list(default), "<text>"
-    elif int in args and float in args:  # Lightning's limits: "10" is a count, "0.5" a fraction
-        kind, default = str, str(default)
-    elif type(None) in args:  # `int | None`: not set unless given
-        kind = Optional[next(a for a in args if a is not type(None))]
-    option = typer.Option(
-        default, *decls, help=info.description, show_default=default is not None or "not set", metavar=metavar
-    )
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
-
-
-def _from_command_line(ctx: typer.Context, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name == "COMMANDLINE"
-
-
-def with_options(model: type[StrictModel], names: Iterable[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add the named fields of `model` as options. The command receives the ones given on the
-    command line as a dict, `given`; its own parameters are left as they are."""
-    names = list(names)
-
-    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        hints = typing.get_type_hints(fn, include_extras=True)  # resolved, keeping Annotated options
-        own = [
-            p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values() if p.name != "given"
-        ]
-        context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-
-        @functools.wraps(fn)
-        def command(ctx: typer.Context, **kwargs: Any) -> Any:
-            given = {n: kwargs[n] for n in names if _from_command_line(ctx, n)}
-            for n in names:
-                kwargs.pop(n, None)
-            return fn(given=given, **kwargs)
-
-        params = [context, *own, *(_option(n, model.model_fields[n]) for n in names)]
-        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
-        command.__annotations__ = {p.name: p.annotation for p in params}
-        return command
-
-    return decorate
 
 
 def _version(value: bool) -> None:
