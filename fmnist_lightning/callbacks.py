@@ -75,12 +75,15 @@ class EpochMetricsCSV(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         _sync(pl_module)
         train_time, _ = self.epoch_times()
+        # Every rank reads the metrics: computing a synced metric is a collective, and a rank that
+        # skipped it would meet the others' next collective instead (a deadlock under DDP).
+        callback_metrics = trainer.callback_metrics
         if not trainer.is_global_zero:
             return
         # Lightning keeps the last validation's metrics: an epoch without validation must not repeat them.
         metrics = {
             k: float(v)
-            for k, v in trainer.callback_metrics.items()
+            for k, v in callback_metrics.items()
             if k in METRIC_COLUMNS and (self._validated or not k.startswith("val/"))
         }
         on_gpu = pl_module.device.type == "cuda"
