@@ -270,14 +270,15 @@ class FashionClassifier(L.LightningModule):
         # The running train metrics of an epoch cut short are each rank's own partial sums, and
         # only rank 0's state_dict is written: keep their sum over ranks, which rank 0 alone
         # takes back on resume (see on_load_checkpoint), so the epoch's totals come out whole.
-        state = checkpoint["state_dict"]
-        for key in _train_metric_states(state):
-            state[key] = self.trainer.strategy.reduce(state[key].clone(), reduce_op="sum")
+        state = checkpoint.get("state_dict", {})
+        if self._trainer is not None:  # one process without a Trainer holds all its sums already
+            for key in _train_metric_states(state):
+                state[key] = self.trainer.strategy.reduce(state[key].clone(), reduce_op="sum")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rank = self.global_rank if self._trainer is not None else 0
         if rank != 0:  # rank 0 resumes the summed partial train metrics; the others start at zero
-            state = checkpoint["state_dict"]
+            state = checkpoint.get("state_dict", {})
             for key in _train_metric_states(state):
                 state[key] = torch.zeros_like(state[key])
         states = checkpoint.get("rng_states")

@@ -178,7 +178,7 @@ def test_each_rank_draws_from_its_own_seed() -> None:
 
 def test_checkpoints_keep_each_ranks_rng_state_and_restore_its_own() -> None:
     model = classifier()
-    checkpoint: dict[str, Any] = {}
+    checkpoint: dict[str, Any] = {"state_dict": model.state_dict()}
     model.on_save_checkpoint(checkpoint)
     states = checkpoint["rng_states"]
     assert isinstance(states, list) and len(states) == 1 and set(states[0]) == {"torch"}  # one CPU process
