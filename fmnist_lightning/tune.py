@@ -164,20 +164,35 @@ def open_study(study_dir: Path, storage: str | None, study_name: str | None, see
             time.sleep(attempt)
 
 
+OVER_BUDGET = "over_budget"  # user attr of a trial created after the study was full (never run)
+
+
+def in_study(study: Any) -> list[Any]:
+    """The study's trials, finished or running in any worker, without those created past its size."""
+    return [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(OVER_BUDGET)]
+
+
 def taken(study: Any) -> int:
-    """Trials finished (complete, pruned or failed) or running in any worker."""
-    return len(study.get_trials(deepcopy=False))
+    return len(in_study(study))
 
 
 class Objective:
     """One trial: the base settings with the sampled parameters, trained into STUDY/trial-NNN."""
 
-    def __init__(self, base: Settings, space: tuple[Param, ...], study_dir: Path, seed: int) -> None:
-        self.base, self.space, self.study_dir, self.seed = base, space, study_dir, seed
+    def __init__(self, base: Settings, space: tuple[Param, ...], study_dir: Path, seed: int, size: int) -> None:
+        self.base, self.space, self.study_dir, self.seed, self.size = base, space, study_dir, seed, size
         self.interrupted: int | None = None  # the number of the trial Ctrl-C (or SIGTERM) stopped
 
     def __call__(self, trial: Any) -> float:
         import optuna
+
+        # Workers check the study's size before asking for a trial, so two of them can both ask for
+        # the last place. Trial numbers are handed out by the storage, one each: the one numbered
+        # past the size does not run, is left out of the study's results, and ends its worker.
+        if trial.number >= self.size:
+            trial.set_user_attr(OVER_BUDGET, True)
+            trial.study.stop()
+            raise optuna.TrialPruned("the study already holds its trials")
 
         # Each trial draws from its own seed: workers sharing a study would otherwise draw the same
         # values from equally seeded samplers, and one worker's draws stay reproducible.
@@ -232,7 +247,7 @@ def run_tune(
     study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.get_logger("optuna").setLevel(logging.INFO)
     study = open_study(study_dir, storage, study_name, base.seed)
-    objective = Objective(base, space, study_dir, base.seed)
+    objective = Objective(base, space, study_dir, base.seed, trials)
 
     def stop_when_full(study: Any, trial: Any) -> None:
         if objective.interrupted is not None or taken(study) >= trials:
@@ -257,7 +272,7 @@ def run_tune(
 
 def trial_rows(study: Any) -> list[TrialRow]:
     rows = []
-    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+    for t in sorted(in_study(study), key=lambda t: t.number):
         attrs = t.user_attrs
         rows.append(
             TrialRow(
