@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning.config import TRAIN_IMAGES, BenchConfig, Settings, provenance
+from fmnist_lightning.config import TRAIN_IMAGES, BenchConfig, Settings
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.evaluation import evaluation_engine
@@ -42,6 +42,7 @@ from fmnist_lightning.hardware import Hardware, resolve_hardware
 from fmnist_lightning.inference import ONNX_ENGINE, missing_modules
 from fmnist_lightning.model import build_optimizer
 from fmnist_lightning.networks import ConvNet
+from fmnist_lightning.settings import provenance
 from fmnist_lightning.sources import FILES, locate, read_verified
 from fmnist_lightning.training import build_model, build_trainer
 

@@ -16,9 +16,10 @@ import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
-from fmnist_lightning.config import Settings, provenance, save_yaml
+from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import NonFiniteLoss, TrainingInterrupted
 from fmnist_lightning.runs import METRIC_COLUMNS
+from fmnist_lightning.settings import provenance, save_yaml
 
 
 def _sync(pl_module: L.LightningModule) -> None:

@@ -23,11 +23,12 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 
 from fmnist_lightning import __version__, render
-from fmnist_lightning.config import BenchConfig, Settings, from_options, resolve_settings
+from fmnist_lightning.config import BenchConfig, Settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import close_process_group, is_global_zero
 from fmnist_lightning.options import with_options
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
+from fmnist_lightning.settings import from_options, resolve_settings
 
 app = typer.Typer(
     name="fmnist",

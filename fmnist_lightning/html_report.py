@@ -18,7 +18,6 @@ from typing import Any
 
 import yaml
 
-from fmnist_lightning.config import PROVENANCE_KEY
 from fmnist_lightning.errors import FmnistError, UsageError
 from fmnist_lightning.runs import (
     BEST_CHECKPOINT,
@@ -34,6 +33,7 @@ from fmnist_lightning.runs import (
     TEST_REPORT,
     read_metrics,
 )
+from fmnist_lightning.settings import PROVENANCE_KEY
 
 # What the page shows of `fmnist test`'s outputs (not predictions.csv).
 TEST_INPUTS = (TEST_REPORT, CONFUSION_MATRIX)

@@ -17,11 +17,12 @@ import lightning as L
 from lightning.pytorch.tuner import Tuner, lr_finder
 
 from fmnist_lightning.callbacks import SeedRanks
-from fmnist_lightning.config import Settings, option_name
+from fmnist_lightning.config import Settings
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import FmnistError, UsageError
 from fmnist_lightning.hardware import hardware_for
 from fmnist_lightning.runs import check_output_dir
+from fmnist_lightning.settings import option_name
 from fmnist_lightning.training import build_model
 
 LR_FIND_PLOT = "lr_find.png"

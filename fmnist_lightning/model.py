@@ -260,7 +260,7 @@ class FashionClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from fmnist_lightning.config import provenance
+        from fmnist_lightning.settings import provenance
 
         checkpoint["fmnist_lightning"] = {"format": CHECKPOINT_FORMAT, **provenance()}
         # Lightning does not save RNG states; dropout needs them for an exact resume. Every rank

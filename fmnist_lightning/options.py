@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import typer
 
-from fmnist_lightning.config import StrictModel, option_name
+from fmnist_lightning.config import StrictModel
+from fmnist_lightning.settings import option_name
 
 
 def _option(name: str, info: Any) -> inspect.Parameter:

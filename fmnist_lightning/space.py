@@ -19,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmnist_lightning.config import Settings, number_from_text, validated
+from fmnist_lightning.config import Settings, number_from_text
 from fmnist_lightning.errors import UsageError
+from fmnist_lightning.settings import validated
 
 RANGE_KEYS = ("low", "high", "log")
 SCALARS = (bool, int, float, str, type(None))  # what Optuna can store as a categorical choice

@@ -26,7 +26,7 @@ from fmnist_lightning.callbacks import (
     StochasticWeightAverage,
 )
 from fmnist_lightning.checkpoints import AtomicCheckpointIO, checkpoint_epoch
-from fmnist_lightning.config import Settings, load_yaml, resolve_settings
+from fmnist_lightning.config import Settings
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import Hardware, hardware_for, is_global_zero, launcher_restarts
@@ -48,6 +48,7 @@ from fmnist_lightning.runs import (
     remove_unstarted,
     run_lock,
 )
+from fmnist_lightning.settings import load_yaml, resolve_settings
 from fmnist_lightning.tracking import build_loggers, log_run_files
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_lightning.config import BenchConfig, Settings, resolve_settings
+from fmnist_lightning.config import BenchConfig, Settings
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import is_global_zero
+from fmnist_lightning.settings import resolve_settings
 
 PACKAGE = Path(__file__).parent.parent / "fmnist_lightning"
 

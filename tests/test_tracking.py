@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_lightning.config import resolve_settings
+from fmnist_lightning.settings import resolve_settings
 from tests.helpers import free_port, need, subprocess_env, wait_until
 
 TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "2")

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmnist_lightning.config import Settings, resolve_settings
+from fmnist_lightning.config import Settings
+from fmnist_lightning.settings import resolve_settings
 from fmnist_lightning.space import load_space
 from tests.helpers import ROOT, free_port, need, subprocess_env, wait_until
 
