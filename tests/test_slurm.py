@@ -4,18 +4,21 @@ except in CI (CI=true), where they are installed and this must run."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from tests.helpers import ROOT, TINY_FIT, launcher_env
+from tests.helpers import ROOT, TINY_FIT, free_port, launcher_env
 
 CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.sh"
 TRAIN = ROOT / "scripts" / "slurm" / "train.sbatch"
@@ -101,3 +104,94 @@ def test_train_sbatch_on_a_local_cluster(real_data: None, slurm_env: dict[str, s
     provenance = yaml.safe_load((run / "config.yaml").read_text())["provenance"]
     assert provenance.get("cluster_environment") == "SLURMEnvironment", provenance
     assert provenance.get("world_size") == 2, provenance
+
+
+REQUEUE_FIT = ["--offline", "--max-epochs", "2", "--limit-train-batches", "40", "--batch-size", "64",
+               "--limit-val-batches", "2", "--checkpoint-every-n-steps", "5", "--seed", "3", "--deterministic",
+               "--no-progress"]  # fmt: skip
+METRICS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
+
+
+def _scontrol(env: dict[str, str], *args: str) -> str:
+    done = subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, f"scontrol {' '.join(args)}: {done.stderr}"
+    return done.stdout
+
+
+def _saved_step(run: Path) -> int:
+    try:
+        return int(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"])
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return -1  # not there yet, or being replaced
+
+
+def _metric_rows(run: Path) -> list[dict[str, float]]:
+    with (run / "metrics.csv").open() as f:
+        return [{k: float(row[k]) for k in METRICS} for row in csv.DictReader(f)]
+
+
+@pytest.mark.slow
+def test_a_requeued_job_resumes_its_run(real_data: None, slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """`scontrol requeue` (what preemption or the script's time-limit trap does): SLURM SIGTERMs the
+    tasks, which save last.ckpt and stop; the job starts again with the same id, so the same run
+    folder, and SLURM_RESTART_COUNT=1, on which fit resumes; the log of both starts is in one file."""
+    work = tmp_path / "work"
+    work.mkdir()
+    log = tmp_path / "job.log"
+    env = launcher_env(**slurm_env, FMNIST_ACCELERATOR="cpu", FMNIST="fmnist")
+    shape = ["--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
+    sbatch = ["sbatch", "--parsable", *shape, "--time", "10", "--chdir", str(work), "--output", str(log)]
+    submitted = subprocess.run([*sbatch, str(TRAIN), *REQUEUE_FIT], env=env, capture_output=True, text=True, timeout=60)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip().split(";")[0]
+    run = work / "runs" / f"slurm-{job_id}"
+
+    def job_state() -> str:
+        return _scontrol(env, "show", "job", job_id)
+
+    def failure(what: str) -> str:
+        output = log.read_text()[-5000:] if log.exists() else "(no output)"
+        return f"{what}\njob output:\n{output}\n{job_state()}\n{_diagnosis(env)}"
+
+    # Epoch 1 is steps 1-40: wait for a periodic save inside epoch 2, then requeue.
+    deadline = time.monotonic() + 240
+    while _saved_step(run) <= 40 and time.monotonic() < deadline:
+        assert "JobState=RUNNING" in job_state() or "JobState=PENDING" in job_state(), failure("the job ended early")
+        time.sleep(0.1)
+    saved = _saved_step(run)
+    assert 40 < saved < 80, failure(f"no checkpoint inside epoch 2 (step {saved})")
+    _scontrol(env, "requeue", job_id)
+    # A requeued job waits (Reason=BeginTime) before it may start again: let it start now, once
+    # the first start has ended (its tasks save last.ckpt on SIGTERM first).
+    deadline = time.monotonic() + 120
+    while "JobState=PENDING" not in job_state():
+        assert time.monotonic() < deadline, failure("the requeued job did not go back to PENDING")
+        time.sleep(0.2)
+    _scontrol(env, "update", f"JobId={job_id}", "StartTime=now")
+    deadline = time.monotonic() + 240
+    while "JobState=COMPLETED" not in (state := job_state()):
+        assert time.monotonic() < deadline, failure("the requeued job did not complete in 4 minutes")
+        assert "JobState=FAILED" not in state and "JobState=CANCELLED" not in state, failure("the job failed")
+        time.sleep(0.5)
+    output = log.read_text()
+    print(output)
+    assert "Restarts=1" in state and "ExitCode=0:0" in state, state
+
+    # Both starts' output, appended in one log: the first stopped on SIGTERM after saving, the second resumed.
+    assert f"job {job_id}, start 1 " in output and f"job {job_id}, start 2 " in output
+    assert "0: interrupted: stopped by SIGTERM in epoch 2" in output
+    assert f"0: restart 1 of this job: resuming from runs/slurm-{job_id}/checkpoints/last.ckpt" in output
+    assert [p.name for p in (work / "runs").iterdir()] == [f"slurm-{job_id}"]
+    assert [row["epoch"] for row in _metric_rows(run)] == [1.0, 2.0]  # epoch 1's row written once
+
+    # The same fit never interrupted, with the same two processes (Lightning starts rank 1 itself).
+    whole = tmp_path / "whole"
+    args = ["fmnist", "fit", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", *REQUEUE_FIT]
+    done = subprocess.run(
+        [*args, "--out", str(whole)], env=launcher_env(MASTER_PORT=str(free_port())),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-5000:]
+    # Weights, optimiser, RNG, the position in the epoch and each rank's running train metrics were
+    # restored: the numbers are exactly those of the run never interrupted.
+    assert _metric_rows(run) == _metric_rows(whole)
