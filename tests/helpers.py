@@ -83,3 +83,25 @@ def wait_until(ready: Any, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s")
         time.sleep(0.5)
+
+
+# Restart and resume tests: where a run's last checkpoint has got to, and its per-epoch metrics.
+EPOCH_METRICS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
+
+
+def saved_step(run: Path) -> int:
+    """The global step of the run's last.ckpt; -1 while it is not there yet or being replaced."""
+    import torch
+
+    try:
+        return int(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"])
+    except (OSError, RuntimeError, EOFError, KeyError):
+        return -1
+
+
+def epoch_metrics(run: Path) -> list[dict[str, float]]:
+    """metrics.csv's rows, restricted to the metrics a resumed run must reproduce exactly."""
+    import csv
+
+    with (run / "metrics.csv").open() as f:
+        return [{k: float(row[k]) for k in EPOCH_METRICS} for row in csv.DictReader(f)]

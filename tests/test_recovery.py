@@ -4,7 +4,6 @@ count, and `fmnist fit` then resumes from the run's newest checkpoint with no --
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -13,12 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+from tests.helpers import epoch_metrics, saved_step
 
 FIT = ["-m", "fmnist_lightning", "fit", "--accelerator", "cpu", "--max-epochs", "2", "--batch-size", "64",
        "--limit-train-batches", "30", "--limit-val-batches", "2", "--checkpoint-every-n-steps", "4", "--seed", "5",
        "--deterministic", "--offline", "--no-progress"]  # fmt: skip
-METRICS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
 
 
 def _fit(run: Path, **env: str) -> subprocess.Popen[str]:
@@ -29,18 +28,6 @@ def _fit(run: Path, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
 
 
-def _saved_step(run: Path) -> int:
-    try:
-        return int(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"])
-    except (OSError, RuntimeError, EOFError, KeyError):
-        return -1
-
-
-def _rows(run: Path) -> list[dict[str, float]]:
-    with (run / "metrics.csv").open() as f:
-        return [{k: float(row[k]) for k in METRICS} for row in csv.DictReader(f)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("restart_variable", ["TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"])
 def test_a_killed_run_restarted_by_its_launcher_resumes_by_itself(
@@ -49,12 +36,12 @@ def test_a_killed_run_restarted_by_its_launcher_resumes_by_itself(
     run = tmp_path / "run"
     first = _fit(run)
     deadline = time.monotonic() + 300
-    while _saved_step(run) < 36 and first.poll() is None and time.monotonic() < deadline:
+    while saved_step(run) < 36 and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)  # until a periodic save inside epoch 2 (steps 31-60)
     assert first.poll() is None, "the run ended before it could be killed"
     first.send_signal(signal.SIGKILL)  # no handler runs: only what was saved survives
     first.communicate(timeout=60)
-    saved = _saved_step(run)
+    saved = saved_step(run)
     assert 36 <= saved < 60
 
     again = _fit(run, **{restart_variable: "1"})  # the same command line, as the launcher reruns it
@@ -67,8 +54,8 @@ def test_a_killed_run_restarted_by_its_launcher_resumes_by_itself(
     assert whole.returncode == 0, err[-3000:]
     # Weights, optimiser, schedule, RNG, the position in the epoch and the epoch's running train
     # metrics were all restored: the numbers are those of the run that was never interrupted.
-    assert [row["epoch"] for row in _rows(run)] == [1.0, 2.0]
-    assert _rows(run) == _rows(tmp_path / "whole")
+    assert [row["epoch"] for row in epoch_metrics(run)] == [1.0, 2.0]
+    assert epoch_metrics(run) == epoch_metrics(tmp_path / "whole")
 
 
 def test_without_a_restart_count_an_existing_run_is_still_refused(real_data: None, tmp_path: Path, cli) -> None:

@@ -4,7 +4,6 @@ except in CI (CI=true), where they are installed and this must run."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -15,10 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
-from tests.helpers import ROOT, TINY_FIT, free_port, launcher_env
+from tests.helpers import ROOT, TINY_FIT, epoch_metrics, free_port, launcher_env, saved_step
 
 CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.sh"
 TRAIN = ROOT / "scripts" / "slurm" / "train.sbatch"
@@ -109,25 +107,12 @@ def test_train_sbatch_on_a_local_cluster(real_data: None, slurm_env: dict[str, s
 REQUEUE_FIT = ["--offline", "--max-epochs", "2", "--limit-train-batches", "40", "--batch-size", "64",
                "--limit-val-batches", "2", "--checkpoint-every-n-steps", "5", "--seed", "3", "--deterministic",
                "--no-progress"]  # fmt: skip
-METRICS = ("epoch", "train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
 
 
 def _scontrol(env: dict[str, str], *args: str) -> str:
     done = subprocess.run(["scontrol", *args], env=env, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, f"scontrol {' '.join(args)}: {done.stderr}"
     return done.stdout
-
-
-def _saved_step(run: Path) -> int:
-    try:
-        return int(torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"])
-    except (OSError, RuntimeError, EOFError, KeyError):
-        return -1  # not there yet, or being replaced
-
-
-def _metric_rows(run: Path) -> list[dict[str, float]]:
-    with (run / "metrics.csv").open() as f:
-        return [{k: float(row[k]) for k in METRICS} for row in csv.DictReader(f)]
 
 
 @pytest.mark.slow
@@ -155,10 +140,10 @@ def test_a_requeued_job_resumes_its_run(real_data: None, slurm_env: dict[str, st
 
     # Epoch 1 is steps 1-40: wait for a periodic save inside epoch 2, then requeue.
     deadline = time.monotonic() + 240
-    while _saved_step(run) <= 40 and time.monotonic() < deadline:
+    while saved_step(run) <= 40 and time.monotonic() < deadline:
         assert "JobState=RUNNING" in job_state() or "JobState=PENDING" in job_state(), failure("the job ended early")
         time.sleep(0.1)
-    saved = _saved_step(run)
+    saved = saved_step(run)
     assert 40 < saved < 80, failure(f"no checkpoint inside epoch 2 (step {saved})")
     _scontrol(env, "requeue", job_id)
     # A requeued job waits (Reason=BeginTime) before it may start again: let it start now, once
@@ -182,7 +167,7 @@ def test_a_requeued_job_resumes_its_run(real_data: None, slurm_env: dict[str, st
     assert "0: interrupted: stopped by SIGTERM in epoch 2" in output
     assert f"0: restart 1 of this job: resuming from runs/slurm-{job_id}/checkpoints/last.ckpt" in output
     assert [p.name for p in (work / "runs").iterdir()] == [f"slurm-{job_id}"]
-    assert [row["epoch"] for row in _metric_rows(run)] == [1.0, 2.0]  # epoch 1's row written once
+    assert [row["epoch"] for row in epoch_metrics(run)] == [1.0, 2.0]  # epoch 1's row written once
 
     # The same fit never interrupted, with the same two processes (Lightning starts rank 1 itself).
     whole = tmp_path / "whole"
@@ -194,4 +179,4 @@ def test_a_requeued_job_resumes_its_run(real_data: None, slurm_env: dict[str, st
     assert done.returncode == 0, done.stderr[-5000:]
     # Weights, optimiser, RNG, the position in the epoch and each rank's running train metrics were
     # restored: the numbers are exactly those of the run never interrupted.
-    assert _metric_rows(run) == _metric_rows(whole)
+    assert epoch_metrics(run) == epoch_metrics(whole)
