@@ -41,7 +41,7 @@ app = typer.Typer(
 
 HARDWARE = ("accelerator", "devices", "strategy", "num_nodes", "precision", "gpus")
 DATA = ("data_dir", "offline")
-EVALUATION = ("eval_batch_size", "eval_engine")
+EVALUATION = ("eval_batch_size", "eval_engine", "tta")
 _debug = False  # set by --debug on the root command: show tracebacks instead of one-line errors
 
 

@@ -127,6 +127,11 @@ class Settings(StrictModel):
         description="What runs the network at test time: torch, or onnxruntime (CPU, fp32; faster on CPUs, the same "
         "predictions up to float rounding; needs the 'export' extra).",
     )
+    tta: bool = Field(
+        False,
+        description="Test-time augmentation: average each test image's prediction with its horizontal mirror's "
+        "(the mirror image is one of training's augmentations; evaluation takes twice as long).",
+    )
     limit_train_batches: BatchLimit = Field(
         1.0, description="Lightning's meaning: a fraction (0.5) or a count (10) of batches."
     )

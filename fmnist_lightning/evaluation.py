@@ -46,6 +46,7 @@ class TestResults:
     index: torch.Tensor  # (N,) test-set index of each row: 0..N-1, each once
     images: torch.Tensor  # (N, 28, 28) uint8, the test images in the same order
     is_global_zero: bool
+    tta: bool  # the probabilities average each image's and its mirror's (test-time flip augmentation)
 
     @property
     def predicted(self) -> torch.Tensor:
@@ -88,6 +89,7 @@ def evaluate(ckpt: Path, s: Settings) -> TestResults:
     """
     hw = hardware_for(s)
     model = load_classifier(ckpt).to_channels_last()
+    model.flip_tta = s.tta
     datamodule = FashionMNISTDataModule.from_settings(s)
     trainer = L.Trainer(
         **hw.trainer_kwargs(),
@@ -107,6 +109,7 @@ def evaluate(ckpt: Path, s: Settings) -> TestResults:
         index=values["index"],
         images=images[values["index"]],
         is_global_zero=trainer.is_global_zero,
+        tta=s.tta,
     )
 
 
@@ -141,6 +144,7 @@ def classification_report(results: TestResults) -> dict[str, Any]:
         "macro_avg": scores("macro"),
         "weighted_avg": scores("weighted"),
         "confusion_matrix": confusion.tolist(),
+        "tta": results.tta,
     }
 
 

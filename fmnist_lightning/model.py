@@ -7,7 +7,8 @@ It only wraps a network (networks.py) chosen by name, as in Lightning's own
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import lightning as L
@@ -167,6 +168,7 @@ class FashionClassifier(L.LightningModule):
         self.train_loss, self.train_acc = RunningMean(), RunningMean()
         self.val_loss, self.val_confusion = RunningMean(), ConfusionCounts()
         self._train_metrics_logged = False
+        self.flip_tta = False  # test_step averages over each image and its mirror (set by evaluation, not saved)
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.test_results: dict[str, Any] = {}
 
@@ -229,7 +231,7 @@ class FashionClassifier(L.LightningModule):
         # Only the logits are kept per batch. Loss and metrics are computed once, over all test
         # images, at epoch end: one update instead of one per batch (the report needs every
         # image's probabilities anyway), and no metric-state sync across DDP ranks.
-        logits = self(batch.images).float()
+        logits = flip_averaged_logits(self, batch.images) if self.flip_tta else self(batch.images).float()
         self.test_outputs.append((batch.indices.cpu(), logits.cpu(), batch.labels.cpu()))
 
     def on_test_epoch_start(self) -> None:
@@ -288,6 +290,15 @@ class FashionClassifier(L.LightningModule):
         torch.set_rng_state(own["torch"])
         if "cuda" in own and self.device.type == "cuda":
             torch.cuda.set_rng_state(own["cuda"], self.device)
+
+
+def flip_averaged_logits(model: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    """Test-time flip augmentation: the log of the mean of the softmax over each image and its
+    horizontal mirror. As logits, these give exactly the averaged probabilities under softmax (and
+    the cross-entropy of the averaged prediction); logsumexp keeps them finite where a probability
+    underflows."""
+    both = torch.stack((model(images).float(), model(images.flip(-1)).float()))
+    return torch.logsumexp(both.log_softmax(dim=-1), dim=0) - math.log(2)
 
 
 def _train_metric_states(state_dict: dict[str, Any]) -> list[str]:

@@ -80,7 +80,8 @@ def lr_find(suggestion: str, steps: int, command: str) -> None:
 def test_report(report: Mapping[str, Any], class_names: Sequence[str]) -> None:
     """The classification report and confusion matrix of `fmnist test`."""
     console.print(
-        f"test loss {report['loss']:.4f}   test accuracy {report['accuracy']:.4f}   ({report['num_samples']} images)"
+        f"test loss {report['loss']:.4f}   test accuracy {report['accuracy']:.4f}   ({report['num_samples']} images"
+        f"{', each averaged with its mirror image (--tta)' if report.get('tta') else ''})"
     )
     table = Table(title="Classification report")
     for column in ("", "precision", "recall", "f1-score", "support"):

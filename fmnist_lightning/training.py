@@ -29,7 +29,13 @@ from fmnist_lightning.checkpoints import AtomicCheckpointIO, checkpoint_epoch
 from fmnist_lightning.config import Settings
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UsageError
-from fmnist_lightning.hardware import Hardware, hardware_for, is_global_zero, launcher_restarts
+from fmnist_lightning.hardware import (
+    Hardware,
+    hardware_for,
+    is_global_zero,
+    launcher_restarts,
+    torchrun_restart_warning,
+)
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import (
     BEST_CHECKPOINT,
@@ -223,6 +229,8 @@ def run_fit(
             return _train(s, hw, Path(tmp), None, extra_callbacks)
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
+    if is_global_zero() and (warning := torchrun_restart_warning()):
+        log.warning(warning)
     with claimed_run_dir(out) as run_dir:
         # A job its launcher restarted (torchrun --max-restarts, a requeued SLURM job) continues
         # from the run's newest checkpoint by itself: nobody is there to type --resume.

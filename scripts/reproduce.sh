@@ -1,26 +1,51 @@
 #!/usr/bin/env bash
 # Run N seeds of a config and print its row for docs/RESULTS.md.
 #
-#   scripts/reproduce.sh CONFIG N [extra fmnist fit options]
+#   scripts/reproduce.sh CONFIG N [fmnist fit options] [-- fmnist test options]
 #
-# Each seed trains into runs/repro/<config>-seed<S> (resumed if it was interrupted) and is tested;
+# e.g. scripts/reproduce.sh configs/improved-ema.yaml 3 --offline -- --tta
+#
+# Each seed trains into runs/repro/<config>-seed<S> (resumed if it was interrupted) and its
+# best.ckpt is tested (again, with the test options, each time the script runs);
 # the row gives test accuracy mean +- std over the seeds, best validation accuracy, epochs, training
 # wall time, the machine, torch and lightning versions, and the command.
 set -euo pipefail
-[[ $# -ge 2 ]] || { echo "usage: $0 CONFIG N [fmnist fit options]" >&2; exit 2; }
+[[ $# -ge 2 ]] || { echo "usage: $0 CONFIG N [fmnist fit options] [-- fmnist test options]" >&2; exit 2; }
 config="$1" n="$2"; shift 2
+options="$*"
+fit_options=() test_options=()
+while [[ $# -gt 0 && "$1" != "--" ]]; do fit_options+=("$1"); shift; done
+if [[ $# -gt 0 ]]; then shift; test_options=("$@"); fi
+# The test reads the data as the fit did: offline too, if the fit was told so.
+for option in "${fit_options[@]}"; do [[ "$option" == "--offline" ]] && test_options+=(--offline); done
 name="$(basename "$config" .yaml)"
 fmnist="${FMNIST:-fmnist}"  # PYTHON (below) should be the interpreter of that fmnist's environment
+
+finished() {  # the run folder's metrics.csv reaches its config.yaml's max_epochs
+  [[ -f "$1/metrics.csv" && -f "$1/config.yaml" ]] || return 1
+  "${PYTHON:-python3}" - "$1" <<'PY'
+import csv, sys
+from pathlib import Path
+
+import yaml
+
+run = Path(sys.argv[1])
+epochs = [float(row["epoch"]) for row in csv.DictReader((run / "metrics.csv").open())]
+sys.exit(0 if epochs and max(epochs) >= yaml.safe_load((run / "config.yaml").read_text())["max_epochs"] else 1)
+PY
+}
+
 runs=()
 for seed in $(seq 1 "$n"); do
   out="runs/repro/${name}-seed${seed}"
   runs+=("$out")
-  if [[ -f "$out/report.json" ]]; then continue; fi
-  if [[ -f "$out/checkpoints/last.ckpt" ]]; then resume=(--resume); else resume=(); fi
-  $fmnist fit --config "$config" --seed "$seed" --out "$out" --no-progress "${resume[@]}" "$@"
-  $fmnist test --ckpt "$out/checkpoints/best.ckpt" --out "$out" >/dev/null
+  if ! finished "$out"; then
+    if [[ -f "$out/checkpoints/last.ckpt" ]]; then resume=(--resume); else resume=(); fi
+    $fmnist fit --config "$config" --seed "$seed" --out "$out" --no-progress "${resume[@]}" "${fit_options[@]}"
+  fi
+  $fmnist test --ckpt "$out/checkpoints/best.ckpt" --out "$out" "${test_options[@]}" >/dev/null
 done
-"${PYTHON:-python3}" - "$config" "$*" "${runs[@]}" <<'PY'
+"${PYTHON:-python3}" - "$config" "$options" "${runs[@]}" <<'PY'
 import csv, json, platform, statistics, sys
 from pathlib import Path
 

@@ -166,3 +166,24 @@ def test_fast_evaluation_layout_gives_the_same_predictions(trained_run: Path, da
         a, b = plain(images).softmax(dim=1), fast(images).softmax(dim=1)
     assert torch.equal(a.argmax(dim=1), b.argmax(dim=1))
     assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_tta_averages_each_test_image_with_its_mirror(trained_run: Path, datamodule, cli, tmp_path: Path) -> None:
+    """`fmnist test --tta`: each image's probabilities are the mean of the network's on it and on
+    its horizontal mirror, and report.json says so."""
+    out = tmp_path / "tta"
+    ckpt = trained_run / "checkpoints" / "best.ckpt"
+    code, stdout, err = cli("test", "--ckpt", ckpt, "--offline", "--tta", "--out", out)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["tta"] is True and report["num_samples"] == 10000
+    assert "each averaged with its mirror image (--tta)" in stdout
+    rows = [r.split(",") for r in (out / "predictions.csv").read_text().splitlines()[1:]]
+    written = torch.tensor([[float(v) for v in r[3:]] for r in rows[:500]])
+
+    images = datamodule.split("test")[0][:500].unsqueeze(1).float() / 255.0
+    model = load_classifier(ckpt).eval()
+    with torch.inference_mode():
+        expected = (model(images).softmax(dim=1) + model(images.flip(-1)).softmax(dim=1)) / 2
+    assert torch.allclose(written, expected, atol=1e-4)
+    assert report["accuracy"] == pytest.approx(sum(int(r[1]) == int(r[2]) for r in rows) / 10000, abs=1e-9)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import epoch_metrics, saved_step
+from tests.helpers import epoch_metrics, free_port, launcher_env, saved_step
 
 FIT = ["-m", "fmnist_lightning", "fit", "--accelerator", "cpu", "--max-epochs", "2", "--batch-size", "64",
        "--limit-train-batches", "30", "--limit-val-batches", "2", "--checkpoint-every-n-steps", "4", "--seed", "5",
@@ -56,6 +56,86 @@ def test_a_killed_run_restarted_by_its_launcher_resumes_by_itself(
     # metrics were all restored: the numbers are those of the run that was never interrupted.
     assert [row["epoch"] for row in epoch_metrics(run)] == [1.0, 2.0]
     assert epoch_metrics(run) == epoch_metrics(tmp_path / "whole")
+
+
+def _worker_with_rank(agent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process (a child of the agent) that has RANK=`rank`."""
+    children = Path(f"/proc/{agent}/task/{agent}/children")
+    for pid in children.read_text().split() if children.exists() else []:
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    return None
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, tmp_path: Path) -> None:
+    """README, 'When a process dies': torchrun --max-restarts 1 with the c10d rendezvous, two
+    processes. Rank 1 is killed with SIGKILL inside epoch 2; the agent stops rank 0 and starts both
+    again with TORCHELASTIC_RESTART_COUNT=1; they resume from last.ckpt with no --resume, and the
+    run ends with exactly the metrics of an uninterrupted two-process run.
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each restart a fresh store (see
+    hardware.torchrun_restart_warning): without it the restarted group fails to connect."""
+    run = tmp_path / "run"
+    fit = [*FIT[3:], "--devices", "2", "--strategy", "ddp", "--out", str(run)]
+    torchrun = ["torchrun", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1",
+                "--monitor-interval", "0.2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+                "--rdzv-id", "restart"]  # fmt: skip
+    env = launcher_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    log = tmp_path / "torchrun.log"
+    with log.open("w") as out:
+        agent = subprocess.Popen(
+            [*torchrun, "-m", "fmnist_lightning", "fit", *fit],
+            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while saved_step(run) < 36 and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until a periodic save inside epoch 2 (steps 31-60)
+        assert agent.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
+        victim = _worker_with_rank(agent.pid, 1)
+        assert victim is not None, "no worker with RANK=1 under the torchrun agent"
+        os.kill(victim, signal.SIGKILL)
+        saved = saved_step(run)
+        assert 36 <= saved < 60, saved
+        agent.wait(timeout=600)
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+    output = log.read_text()
+    assert agent.returncode == 0, output[-5000:]
+    assert "will restart worker group" in output, output[-5000:]  # the agent's own account of the restart
+    assert "restart 1 of this job: resuming from" in output and "last.ckpt" in output, output[-5000:]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" not in output  # this launch needs no warning
+
+    whole = tmp_path / "whole"
+    args = [sys.executable, *FIT, "--devices", "2", "--strategy", "ddp", "--out", str(whole)]
+    done = subprocess.run(args, cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [row["epoch"] for row in epoch_metrics(run)] == [1.0, 2.0]
+    assert epoch_metrics(run) == epoch_metrics(whole)
+
+
+def test_a_torchrun_launch_whose_restarts_would_fail_is_warned(
+    real_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fmnist_lightning.config import Settings
+    from fmnist_lightning.hardware import torchrun_restart_warning
+    from fmnist_lightning.training import run_fit
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    assert torchrun_restart_warning() is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # the shared store (torch's default)
+    settings = Settings(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, offline=True,
+                        progress=False)  # fmt: skip
+    run_fit(settings, out=tmp_path / "run")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
 
 
 def test_without_a_restart_count_an_existing_run_is_still_refused(real_data: None, tmp_path: Path, cli) -> None:

@@ -47,3 +47,48 @@ def test_benchmark_quick_writes_json_for_all_paths(real_data: None, tmp_path: Pa
 
 def test_slurm_script_parses() -> None:
     subprocess.run(["bash", "-n", str(SCRIPTS / "slurm" / "train.sbatch")], check=True)
+
+
+def test_validation_tta_reports_plain_and_flip_accuracy_on_the_validation_split(
+    trained_run: Path, tmp_path: Path
+) -> None:
+    import lightning as L
+
+    from fmnist_lightning.checkpoints import load_classifier
+    from fmnist_lightning.config import Settings
+    from fmnist_lightning.data import FashionMNISTDataModule
+
+    out = tmp_path / "val-tta.json"
+    args = [sys.executable, str(SCRIPTS / "validation_tta.py"), str(trained_run), "--json", str(out)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    measured = json.loads(out.read_text())["runs"][str(trained_run)]
+    assert "with flip TTA" in result.stdout and 0.5 < measured["tta"] <= 1
+    # "plain" is what Lightning's validation loop gives for all 5,000 validation images.
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    datamodule = FashionMNISTDataModule.from_settings(Settings(offline=True))
+    model = load_classifier(trained_run / "checkpoints" / "best.ckpt")
+    (validated,) = trainer.validate(model, datamodule=datamodule, verbose=False)
+    assert measured["plain"] == pytest.approx(validated["val/acc"], abs=1e-6)
+
+
+def test_reproduce_trains_each_seed_once_and_tests_with_the_test_options(real_data: None, tmp_path: Path) -> None:
+    """`scripts/reproduce.sh CONFIG N [fit options] -- [test options]`: fit options go to fit, the
+    ones after `--` to test; a second call only tests again (the finished runs are kept)."""
+    from tests.helpers import subprocess_env
+
+    config = str(SCRIPTS.parent / "configs" / "default.yaml")
+    args = ["bash", str(SCRIPTS / "reproduce.sh"), config, "2", "--offline", "--max-epochs", "1",
+            "--limit-train-batches", "3", "--limit-val-batches", "1", "--", "--tta"]  # fmt: skip
+    env = subprocess_env(PYTHON=sys.executable, FMNIST=f"{sys.executable} -m fmnist_lightning")
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    runs = [tmp_path / "runs" / "repro" / f"default-seed{seed}" for seed in (1, 2)]
+    reports = [json.loads((run / "report.json").read_text()) for run in runs]
+    assert all(report["tta"] and report["num_samples"] == 10000 for report in reports)
+    assert "(n=2)" in first.stdout and "-- --tta" in first.stdout
+    trained = [(run / "checkpoints" / "best.ckpt").stat().st_mtime_ns for run in runs]
+    again = subprocess.run(args[:-2], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [(run / "checkpoints" / "best.ckpt").stat().st_mtime_ns for run in runs] == trained  # not retrained
+    assert not any(json.loads((run / "report.json").read_text())["tta"] for run in runs)  # tested again, plain
