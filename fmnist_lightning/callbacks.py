@@ -18,6 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import NonFiniteLoss, TrainingInterrupted
+from fmnist_lightning.hardware import gather_objects, torchrun_agent
 from fmnist_lightning.runs import METRIC_COLUMNS
 from fmnist_lightning.settings import provenance, save_yaml
 
@@ -130,8 +131,12 @@ class SaveConfig(Callback):
         self.path, self.settings = path, settings
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Under torchrun, record every node's agent: a process one of them restarts knows by this
+        # that it continues this job (see training.restarted_by_launcher). Every rank takes part.
+        agents = gather_objects(torchrun_agent())
         if trainer.is_global_zero:
-            save_yaml(self.settings, self.path, {**provenance(), **run_environment(trainer)})
+            launched = {"torchrun_agents": sorted(set(agents))} if None not in agents else {}
+            save_yaml(self.settings, self.path, {**provenance(), **run_environment(trainer), **launched})
 
 
 class SeedRanks(Callback):

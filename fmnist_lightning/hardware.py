@@ -8,8 +8,10 @@ can ask "am I rank 0?" without loading it.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fmnist_lightning.errors import UsageError
@@ -48,6 +50,30 @@ def launcher_restarts() -> int:
     requeue (preemption, `scontrol requeue`). 0 for a first start or without such a launcher."""
     env = os.environ
     return int(env.get("TORCHELASTIC_RESTART_COUNT") or env.get("SLURM_RESTART_COUNT") or 0)
+
+
+def torchrun_agent() -> str | None:
+    """This process's torchrun agent, as "host:pid:start time": the same for every worker the agent
+    starts or restarts, another for another launch. None outside torchrun, or without /proc."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    agent = os.getppid()  # torchrun's agent starts its workers as its own child processes
+    try:
+        started = Path(f"/proc/{agent}/stat").read_text().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    except (OSError, IndexError):
+        return None
+    return f"{socket.gethostname()}:{agent}:{started}"
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """`value` from every rank, in rank order (just `[value]` without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
 
 
 def torchrun_restart_warning() -> str | None:

@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 
 from fmnist_lightning.config import Settings
 from fmnist_lightning.data import NUM_CLASSES, Batch
+from fmnist_lightning.hardware import gather_objects
 from fmnist_lightning.networks import build_network
 
 CHECKPOINT_FORMAT = 2  # bumped when a checkpoint written by this package changes incompatibly
@@ -268,7 +269,7 @@ class FashionClassifier(L.LightningModule):
         # Lightning does not save RNG states; dropout needs them for an exact resume. Every rank
         # draws its own dropout masks, so every rank's state is kept (gathered to all ranks: each
         # rank calls this hook, only rank 0 writes the file).
-        checkpoint["rng_states"] = _gather_objects(_rng_state(self.device))
+        checkpoint["rng_states"] = gather_objects(_rng_state(self.device))
         # The running train metrics of an epoch cut short are each rank's own partial sums, and
         # only rank 0's state_dict is written: keep their sum over ranks, which rank 0 alone
         # takes back on resume (see on_load_checkpoint), so the epoch's totals come out whole.
@@ -313,15 +314,6 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
-def _gather_objects(value: Any) -> list[Any]:
-    """`value` from every rank, in rank order (just `[value]` without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [value]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, value)
-    return gathered
-
-
 def _gather_outputs(
     outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,6 +330,6 @@ def _gather_outputs(
             torch.empty(0, NUM_CLASSES),
             torch.empty(0, dtype=torch.long),
         )
-    index, logits, labels = (torch.cat(parts) for parts in zip(*_gather_objects((index, logits, labels))))
+    index, logits, labels = (torch.cat(parts) for parts in zip(*gather_objects((index, logits, labels))))
     order = torch.argsort(index)
     return index[order], logits[order], labels[order]

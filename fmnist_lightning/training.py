@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 
 from fmnist_lightning.callbacks import (
@@ -34,6 +35,7 @@ from fmnist_lightning.hardware import (
     hardware_for,
     is_global_zero,
     launcher_restarts,
+    torchrun_agent,
     torchrun_restart_warning,
 )
 from fmnist_lightning.model import FashionClassifier
@@ -54,7 +56,7 @@ from fmnist_lightning.runs import (
     remove_unstarted,
     run_lock,
 )
-from fmnist_lightning.settings import load_yaml, resolve_settings
+from fmnist_lightning.settings import PROVENANCE_KEY, load_yaml, resolve_settings
 from fmnist_lightning.tracking import build_loggers, log_run_files
 
 log = logging.getLogger(__name__)
@@ -234,9 +236,11 @@ def run_fit(
     with claimed_run_dir(out) as run_dir:
         # A job its launcher restarted (torchrun --max-restarts, a requeued SLURM job) continues
         # from the run's newest checkpoint by itself: nobody is there to type --resume.
-        restored = newest_checkpoint(run_dir) if launcher_restarts() and not overwrite else None
+        restored = newest_checkpoint(run_dir) if restarted_by_launcher(run_dir) and not overwrite else None
         if restored is not None and is_global_zero():
-            log.info("restart %d of this job: resuming from %s", launcher_restarts(), restored)
+            count = launcher_restarts()
+            restart = f"restart {count} of this job" if count else "this job's torchrun agent started it again"
+            log.info("%s: resuming from %s", restart, restored)
         resume = resume or restored is not None
         last = restored or run_dir / LAST_CHECKPOINT
         if not is_global_zero():  # rank 0 checked and prepared the folder
@@ -254,6 +258,24 @@ def run_fit(
                 if not resume and not (run_dir / CONFIG).exists():
                     remove_unstarted(run_dir, existed)
                 raise
+
+
+def restarted_by_launcher(run_dir: Path) -> bool:
+    """Whether this process was started again for the job `run_dir` holds: its launcher's restart
+    count says so (torchrun --max-restarts, a requeued SLURM job), or, under torchrun, its agent is
+    one the run recorded in config.yaml. The count alone is not enough on several nodes: an agent
+    that restarts its still-running workers because another node's failed (a re-rendezvous) does
+    not count that as a restart, so its workers see the count of the first start."""
+    if launcher_restarts():
+        return True
+    agent = torchrun_agent()
+    if agent is None or not (run_dir / CONFIG).is_file():
+        return False
+    try:
+        recorded = yaml.safe_load((run_dir / CONFIG).read_text())[PROVENANCE_KEY]["torchrun_agents"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
+    return agent in recorded
 
 
 def _check_resumable(s: Settings, run_dir: Path) -> None:

@@ -4,14 +4,17 @@ count, and `fmnist fit` then resumes from the run's newest checkpoint with no --
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import epoch_metrics, free_port, launcher_env, saved_step
 
@@ -112,6 +115,9 @@ def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, t
     assert "failed (exitcode: -9) local_rank: 1" in output, output[-5000:]  # the agent saw rank 1 die
     assert "restart 1 of this job: resuming from" in output and "last.ckpt" in output, output[-5000:]
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" not in output  # this launch needs no warning
+    provenance = yaml.safe_load((run / "config.yaml").read_text())["provenance"]
+    (recorded,) = provenance["torchrun_agents"]  # both ranks under the one agent
+    assert recorded.startswith(f"{socket.gethostname()}:{agent.pid}:")
 
     whole = tmp_path / "whole"
     args = [sys.executable, *FIT, "--devices", "2", "--strategy", "ddp", "--out", str(whole)]
@@ -136,6 +142,36 @@ def test_a_torchrun_launch_whose_restarts_would_fail_is_warned(
                         progress=False)  # fmt: skip
     run_fit(settings, out=tmp_path / "run")
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+
+
+def test_a_process_its_torchrun_agent_started_again_resumes_with_a_restart_count_of_0(
+    real_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On several nodes an agent restarts its healthy workers for another node's failure without
+    counting a restart: its workers see TORCHELASTIC_RESTART_COUNT=0 and still continue the run,
+    because their agent is one the run recorded. Another launch's processes are still refused."""
+    from fmnist_lightning.config import Settings
+    from fmnist_lightning.errors import UsageError
+    from fmnist_lightning.hardware import torchrun_agent
+    from fmnist_lightning.training import run_fit
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # as torchrun sets it; this test process is the "worker"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    settings = Settings(accelerator="cpu", max_epochs=2, lr_schedule="none", limit_train_batches=2,
+                        limit_val_batches=1, offline=True, progress=False)  # fmt: skip
+    run = tmp_path / "run"
+    run_fit(settings.model_copy(update={"max_epochs": 1}), out=run)
+    config = run / "config.yaml"
+    assert yaml.safe_load(config.read_text())["provenance"]["torchrun_agents"] == [torchrun_agent()]
+
+    caplog.set_level(logging.INFO, logger="fmnist_lightning")
+    run_fit(settings, out=run)  # started again by the same agent, count still 0
+    assert "this job's torchrun agent started it again: resuming from" in caplog.text
+    assert [row["epoch"] for row in epoch_metrics(run)] == [1.0, 2.0]
+
+    config.write_text(config.read_text().replace(str(torchrun_agent()), "another-host:1:1"))
+    with pytest.raises(UsageError, match="already holds a run"):
+        run_fit(settings.model_copy(update={"max_epochs": 3}), out=run)
 
 
 def test_without_a_restart_count_an_existing_run_is_still_refused(real_data: None, tmp_path: Path, cli) -> None:

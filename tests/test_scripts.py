@@ -72,6 +72,7 @@ def test_validation_tta_reports_plain_and_flip_accuracy_on_the_validation_split(
     assert measured["plain"] == pytest.approx(validated["val/acc"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_reproduce_trains_each_seed_once_and_tests_with_the_test_options(real_data: None, tmp_path: Path) -> None:
     """`scripts/reproduce.sh CONFIG N [fit options] -- [test options]`: fit options go to fit, the
     ones after `--` to test; a second call only tests again (the finished runs are kept)."""
