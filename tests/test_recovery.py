@@ -61,63 +61,90 @@ def test_a_killed_run_restarted_by_its_launcher_resumes_by_itself(
     assert epoch_metrics(run) == epoch_metrics(tmp_path / "whole")
 
 
-def _worker_with_rank(agent: int, rank: int) -> int | None:
-    """The pid of torchrun's worker process (a child of the agent) that has RANK=`rank`."""
+def _workers(agent: int) -> dict[int, int]:
+    """torchrun's worker processes (children of the agent): global rank -> pid."""
     children = Path(f"/proc/{agent}/task/{agent}/children")
+    workers = {}
     for pid in children.read_text().split() if children.exists() else []:
         try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            environ = dict(
+                line.split(b"=", 1) for line in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in line
+            )
         except OSError:
             continue
-        if f"RANK={rank}".encode() in environ:
-            return int(pid)
-    return None
+        if b"RANK" in environ:
+            workers[int(environ[b"RANK"])] = int(pid)
+    return workers
 
 
 @pytest.mark.slow
-def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("agents", [1, 2], ids=["one-agent-two-processes", "two-agents-as-two-nodes"])
+def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, tmp_path: Path, agents: int) -> None:
     """README, 'When a process dies': torchrun --max-restarts 1 with the c10d rendezvous, two
-    processes. Rank 1 is killed with SIGKILL inside epoch 2; the agent stops rank 0 and starts both
-    again with TORCHELASTIC_RESTART_COUNT=1; they resume from last.ckpt with no --resume, and the
-    run ends with exactly the metrics of an uninterrupted two-process run.
+    processes, under one agent or under two agents acting as two nodes. The last agent's worker
+    (rank 1 under one agent) is killed with SIGKILL inside epoch 2; the agents stop the survivor and
+    start the group again; it resumes from last.ckpt with no --resume, and the run ends with exactly
+    the metrics of an uninterrupted two-process run.
+
+    With two agents, the one whose worker died counts a restart; the other may restart its
+    worker for the re-rendezvous without counting one (a race): then the run's record of the agents
+    makes it resume all the same (training.restarted_by_launcher).
 
     TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each restart a fresh store (see
     hardware.torchrun_restart_warning): without it the restarted group fails to connect."""
     run = tmp_path / "run"
-    fit = [*FIT[3:], "--devices", "2", "--strategy", "ddp", "--out", str(run)]
-    torchrun = ["torchrun", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1",
-                "--monitor-interval", "0.2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-                "--rdzv-id", "restart"]  # fmt: skip
+    per_agent = 2 // agents
+    fit = [*FIT[3:], "--devices", str(per_agent), "--num-nodes", str(agents), "--strategy", "ddp", "--out", str(run)]
+    endpoint = f"127.0.0.1:{free_port()}"
     env = launcher_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    log = tmp_path / "torchrun.log"
-    with log.open("w") as out:
-        agent = subprocess.Popen(
-            [*torchrun, "-m", "fmnist_lightning", "fit", *fit],
-            cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    logs = [tmp_path / f"agent{i}.log" for i in range(agents)]
+    procs = []
     try:
+        for i, log in enumerate(logs):
+            torchrun = ["torchrun", "--nnodes", str(agents), "--nproc-per-node", str(per_agent), "--max-restarts",
+                        "1", "--monitor-interval", "0.2", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
+                        "--rdzv-id", "restart", "--rdzv-conf", f"is_host={int(i == 0)}"]  # fmt: skip
+            with log.open("w") as out:
+                procs.append(
+                    subprocess.Popen(
+                        [*torchrun, "-m", "fmnist_lightning", "fit", *fit],
+                        cwd=tmp_path,
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )  # fmt: skip
+                )
+
+        def output() -> str:
+            return "\n".join(f"--- {log.name}:\n{log.read_text()[-4000:]}" for log in logs)
+
         deadline = time.monotonic() + 300
-        while saved_step(run) < 36 and agent.poll() is None and time.monotonic() < deadline:
+        while saved_step(run) < 36 and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
             time.sleep(0.05)  # until a periodic save inside epoch 2 (steps 31-60)
-        assert agent.poll() is None, "the run ended before it could be killed:\n" + log.read_text()[-3000:]
-        victim = _worker_with_rank(agent.pid, 1)
-        assert victim is not None, "no worker with RANK=1 under the torchrun agent"
+        assert all(p.poll() is None for p in procs), "the run ended before it could be killed:\n" + output()
+        workers = _workers(procs[-1].pid)
+        victim = workers.get(1) if agents == 1 else next(iter(workers.values()), None)
+        assert victim is not None, f"no worker to kill under the last torchrun agent: {workers}"
         os.kill(victim, signal.SIGKILL)
         saved = saved_step(run)
         assert 36 <= saved < 60, saved
-        agent.wait(timeout=600)
+        for p in procs:
+            p.wait(timeout=600)
     finally:
-        if agent.poll() is None:
-            os.killpg(agent.pid, signal.SIGKILL)
-            agent.wait()
-    output = log.read_text()
-    assert agent.returncode == 0, output[-5000:]
-    assert "failed (exitcode: -9) local_rank: 1" in output, output[-5000:]  # the agent saw rank 1 die
-    assert "restart 1 of this job: resuming from" in output and "last.ckpt" in output, output[-5000:]
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" not in output  # this launch needs no warning
-    provenance = yaml.safe_load((run / "config.yaml").read_text())["provenance"]
-    (recorded,) = provenance["torchrun_agents"]  # both ranks under the one agent
-    assert recorded.startswith(f"{socket.gethostname()}:{agent.pid}:")
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * agents, output()
+    assert "failed (exitcode: -9)" in logs[-1].read_text(), output()  # the agent saw its worker die
+    text = "".join(log.read_text() for log in logs)
+    assert "resuming from" in text and "last.ckpt" in text, output()
+    assert "restart 1 of this job" in text or "torchrun agent started it again" in text, output()
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" not in text  # this launch needs no warning
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["provenance"]["torchrun_agents"]
+    assert sorted(int(agent.split(":")[1]) for agent in recorded) == sorted(p.pid for p in procs)
+    assert all(agent.startswith(f"{socket.gethostname()}:") for agent in recorded)
 
     whole = tmp_path / "whole"
     args = [sys.executable, *FIT, "--devices", "2", "--strategy", "ddp", "--out", str(whole)]
