@@ -3,7 +3,7 @@
 #
 #   scripts/reproduce.sh CONFIG N [fmnist fit options] [-- fmnist test options]
 #
-# e.g. scripts/reproduce.sh configs/improved-ema.yaml 3 --offline -- --tta
+# e.g. scripts/reproduce.sh configs/improved-long.yaml 3 --offline -- --tta
 #
 # Each seed trains into runs/repro/<config>-seed<S> (resumed if it was interrupted) and its
 # best.ckpt is tested (again, with the test options, each time the script runs);

@@ -23,16 +23,15 @@ from fmnist_lightning.model import flip_averaged_logits
 from fmnist_lightning.runs import BEST_CHECKPOINT
 
 
-def validation_accuracy(run: Path, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def validation_accuracy(run: Path, datamodule: FashionMNISTDataModule) -> dict[str, float]:
     model = load_classifier(run / BEST_CHECKPOINT).to_channels_last().eval()
-    correct = {"plain": 0, "tta": 0}
+    correct, seen = {"plain": 0, "tta": 0}, 0
     with torch.inference_mode():
-        for start in range(0, len(images), 1000):
-            x = images[start : start + 1000].unsqueeze(1).float().div_(255.0)
-            y = labels[start : start + 1000]
-            correct["plain"] += int((model(x).argmax(dim=1) == y).sum())
-            correct["tta"] += int((flip_averaged_logits(model, x).argmax(dim=1) == y).sum())
-    return {name: count / len(images) for name, count in correct.items()}
+        for batch in datamodule.val_dataloader():  # the batches validation in `fmnist fit` sees
+            correct["plain"] += int((model(batch.images).argmax(dim=1) == batch.labels).sum())
+            correct["tta"] += int((flip_averaged_logits(model, batch.images).argmax(dim=1) == batch.labels).sum())
+            seen += len(batch.labels)
+    return {name: count / seen for name, count in correct.items()}
 
 
 def main(
@@ -44,14 +43,13 @@ def main(
 ) -> None:
     datamodule = FashionMNISTDataModule.from_settings(Settings(data_dir=data_dir, offline=True))
     datamodule.setup()
-    images, labels = datamodule.split("val")
-    results = {str(run): validation_accuracy(run, images, labels) for run in runs}
+    results = {str(run): validation_accuracy(run, datamodule) for run in runs}
     for run, acc in results.items():
         typer.echo(f"{run}: val acc {acc['plain']:.4f} plain, {acc['tta']:.4f} with flip TTA")
     mean = {kind: statistics.mean(acc[kind] for acc in results.values()) for kind in ("plain", "tta")}
     typer.echo(
         f"mean over {len(results)}: {mean['plain']:.4f} plain, {mean['tta']:.4f} with flip TTA "
-        f"({100 * (mean['tta'] - mean['plain']):+.2f} points, {len(images)} validation images)"
+        f"({100 * (mean['tta'] - mean['plain']):+.2f} points, {len(datamodule.split('val')[1])} validation images)"
     )
     if json_path:
         json_path.write_text(json.dumps({"runs": results, "mean": mean}, indent=2) + "\n")
