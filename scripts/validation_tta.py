@@ -19,6 +19,7 @@ import typer
 from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.config import Settings
 from fmnist_lightning.data import FashionMNISTDataModule
+from fmnist_lightning.errors import FmnistError
 from fmnist_lightning.model import flip_averaged_logits
 from fmnist_lightning.runs import BEST_CHECKPOINT
 
@@ -41,9 +42,13 @@ def main(
         Optional[Path], typer.Option("--json", help="Also write the numbers to this JSON file.")
     ] = None,
 ) -> None:
-    datamodule = FashionMNISTDataModule.from_settings(Settings(data_dir=data_dir, offline=True))
-    datamodule.setup()
-    results = {str(run): validation_accuracy(run, datamodule) for run in runs}
+    try:
+        datamodule = FashionMNISTDataModule.from_settings(Settings(data_dir=data_dir, offline=True))
+        datamodule.setup()
+        results = {str(run): validation_accuracy(run, datamodule) for run in runs}
+    except FmnistError as exc:  # a missing run or data: one line, as the fmnist commands say it
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     for run, acc in results.items():
         typer.echo(f"{run}: val acc {acc['plain']:.4f} plain, {acc['tta']:.4f} with flip TTA")
     mean = {kind: statistics.mean(acc[kind] for acc in results.values()) for kind in ("plain", "tta")}

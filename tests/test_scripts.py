@@ -71,6 +71,11 @@ def test_validation_tta_reports_plain_and_flip_accuracy_on_the_validation_split(
     (validated,) = trainer.validate(model, datamodule=datamodule, verbose=False)
     assert measured["plain"] == pytest.approx(validated["val/acc"], abs=1e-6)
 
+    missing = subprocess.run([*args[:2], str(tmp_path / "no-run")], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    gone = tmp_path / "no-run" / "checkpoints" / "best.ckpt"
+    assert missing.stderr.strip().splitlines() == [f"error: checkpoint {gone} does not exist"]
+
 
 @pytest.mark.slow
 def test_reproduce_trains_each_seed_once_and_tests_with_the_test_options(real_data: None, tmp_path: Path) -> None:
