@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import platform
-import resource
 import statistics
 import tempfile
 import time
@@ -34,17 +33,24 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning.config import TRAIN_IMAGES, BenchConfig, Settings
-from fmnist_lightning.data import FashionMNISTDataModule
-from fmnist_lightning.errors import UsageError
+from fmnist_lightning.data import FashionMNISTDataModule, to_float_images
 from fmnist_lightning.evaluation import evaluation_engine
-from fmnist_lightning.hardware import Hardware, resolve_hardware
+from fmnist_lightning.hardware import (
+    Hardware,
+    cpu_supports_bf16,
+    hardware_for,
+    peak_rss_mb,
+    resolve_hardware,
+    synchronize,
+)
 from fmnist_lightning.inference import ONNX_ENGINE, missing_modules
 from fmnist_lightning.model import build_optimizer
 from fmnist_lightning.networks import ConvNet
-from fmnist_lightning.settings import provenance
+from fmnist_lightning.runs import provenance
+from fmnist_lightning.settings import TRAIN_IMAGES, BenchConfig, DataSettings, RunSettings, Settings
 from fmnist_lightning.sources import FILES, locate, read_verified
-from fmnist_lightning.training import build_model, build_trainer
+from fmnist_lightning.trainers import known_warnings_hidden
+from fmnist_lightning.training import build_datamodule, build_model, build_trainer
 
 
 @dataclass
@@ -58,15 +64,6 @@ class PathResult:
     peak_rss_mb: float
     cuda_max_allocated_mb: float | None
     settings: dict[str, Any] = field(default_factory=dict)
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether the CPU has native bf16 instructions (else bf16 autocast is emulated and slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def fast_settings(device: str) -> dict[str, Any]:
@@ -84,15 +81,6 @@ def fast_settings(device: str) -> dict[str, Any]:
             "eval_engine": engine,
         }
     return {"channels_last": True, "precision": "bf16-mixed", "eval_batch_size": 2000}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -114,12 +102,12 @@ class _StepTimer(Callback):
         self.test_start = self.test_end = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync(pl_module.device)
+        synchronize(pl_module.device)
         self.start = time.perf_counter()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         if self.steps == self.warmup:
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self.warm_end = time.perf_counter()
 
     def on_train_batch_end(
@@ -127,21 +115,21 @@ class _StepTimer(Callback):
     ) -> None:
         self.steps += 1
         if self.steps == self.total:
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self.end = time.perf_counter()
             trainer.should_stop = True
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync(pl_module.device)
+        synchronize(pl_module.device)
         self.test_start = time.perf_counter()
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync(pl_module.device)
+        synchronize(pl_module.device)
         self.test_end = time.perf_counter()
 
     def result(self, cfg: BenchConfig, eval_batch_size: int, device: torch.device) -> PathResult:
         assert self.steps == self.total, f"measured {self.steps} steps, not {self.total}"
-        speed = cfg.steps * cfg.batch_size / (self.end - self.warm_end)
+        speed = cfg.steps * cfg.optimisation.batch_size / (self.end - self.warm_end)
         return _result(
             speed, self.warm_end - self.start, 10000 / (self.test_end - self.test_start), eval_batch_size, device
         )
@@ -156,7 +144,7 @@ def _result(speed: float, warmup_s: float, eval_speed: float, eval_batch_size: i
         eval_images_per_s=eval_speed,
         eval_batch_size=eval_batch_size,
         eval_setup_s=0.0,
-        peak_rss_mb=_rss_mb(),
+        peak_rss_mb=peak_rss_mb(),
         cuda_max_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     )
 
@@ -169,108 +157,111 @@ def _epochs_for(cfg: BenchConfig) -> tuple[int, int]:
     """(full batches per epoch, epochs that hold the warm-up and measured steps). Only full
     batches are trained: a partial last batch is a new shape, which `--compile` would recompile
     for inside the timed window."""
-    batches = TRAIN_IMAGES // cfg.batch_size
+    batches = TRAIN_IMAGES // cfg.optimisation.batch_size
     return batches, -(-_total_steps(cfg) // batches)
 
 
-def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, device: torch.device) -> PathResult:
+def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, hw: Hardware, device: torch.device) -> PathResult:
     """The floor: a plain loop, whole splits as float tensors on the device, no framework."""
     torch.manual_seed(cfg.seed)
     images, labels = (t.to(device) for t in dm.split("train"))
-    x_all = images.unsqueeze(1).float().div_(255.0)
+    x_all = to_float_images(images)
     net = ConvNet().to(device)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
-    if cfg.compile:
+    if cfg.model.compile:
         net.compile()
     opt = build_optimizer("adam", net.parameters(), lr=1e-3, weight_decay=0.0, device=device)  # as fmnist's
     order = torch.randperm(len(labels), device=device)
-    n = cfg.batch_size
+    n, eval_batch = cfg.optimisation.batch_size, cfg.evaluation.eval_batch_size
 
     def step(i: int) -> None:
         idx = order[(i * n) % (len(order) - n) :][:n]
         x = x_all[idx].contiguous(memory_format=memory_format)
-        with _autocast(device, cfg.precision):
+        with _autocast(device, hw.precision):
             loss = F.cross_entropy(net(x), labels[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    _sync(device)
+    synchronize(device)
     start = time.perf_counter()
     for i in range(cfg.warmup_steps):
         step(i)
-    _sync(device)
+    synchronize(device)
     warm = time.perf_counter()
     for i in range(cfg.warmup_steps, _total_steps(cfg)):
         step(i)
-    _sync(device)
+    synchronize(device)
     speed = (_total_steps(cfg) - cfg.warmup_steps) * n / (time.perf_counter() - warm)
 
-    test_images = dm.split("test")[0].to(device).unsqueeze(1).float().div_(255.0)
+    test_images = to_float_images(dm.split("test")[0].to(device))
     net.eval()
 
     def evaluate() -> None:
-        for i in range(0, len(test_images), cfg.eval_batch_size):
-            net(test_images[i : i + cfg.eval_batch_size].contiguous(memory_format=memory_format))
+        for i in range(0, len(test_images), eval_batch):
+            net(test_images[i : i + eval_batch].contiguous(memory_format=memory_format))
 
-    with torch.inference_mode(), _autocast(device, cfg.precision):
-        if cfg.compile:
+    with torch.inference_mode(), _autocast(device, hw.precision):
+        if cfg.model.compile:
             evaluate()  # compiles every evaluation shape, untimed
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         evaluate()
-        _sync(device)
+        synchronize(device)
         eval_speed = len(test_images) / (time.perf_counter() - t0)
-    return _result(speed, warm - start, eval_speed, cfg.eval_batch_size, device)
+    return _result(speed, warm - start, eval_speed, eval_batch, device)
 
 
-def _hardware(cfg: BenchConfig, precision: str) -> Hardware:
-    return resolve_hardware("gpu" if cfg.device == "cuda" else "cpu", devices="1", strategy="auto", precision=precision)
+def bench_hardware(cfg: BenchConfig) -> Hardware:
+    """The hardware section resolved for one device: every path runs in one process."""
+    h = cfg.hardware
+    return resolve_hardware(h.accelerator, devices="1", strategy="auto", precision=h.precision, gpus=h.gpus)
 
 
 def bench_fmnist(
-    cfg: BenchConfig, workdir: Path, overrides: dict[str, Any] | None = None, name: str = "fmnist"
+    cfg: BenchConfig, hw: Hardware, workdir: Path, overrides: dict[str, Any] | None = None, name: str = "fmnist"
 ) -> PathResult:
     """The project's own path, built by the same functions `fmnist fit` and `fmnist test` use."""
+    batches, epochs = _epochs_for(cfg)
     s = Settings(
-        batch_size=cfg.batch_size,
-        eval_batch_size=cfg.eval_batch_size,
-        channels_last=cfg.channels_last,
-        compile=cfg.compile,
-        precision=cfg.precision,
-        dropout=False,
-        max_epochs=_epochs_for(cfg)[1],
-        limit_train_batches=_epochs_for(cfg)[0],
-        data_dir=cfg.data_dir,
-        offline=True,
-        seed=cfg.seed,
-    )
-    # No validation: 0 is Lightning's "off", which `fit` refuses (its best checkpoint needs val/acc),
-    # so it is set past the settings' validation.
-    s = s.model_copy(update={"limit_val_batches": 0, **(overrides or {})})
-    hw = _hardware(cfg, s.precision)
+        model=cfg.model,
+        optimisation=cfg.optimisation,
+        data=cfg.data,
+        evaluation=cfg.evaluation,
+        run=RunSettings(max_epochs=epochs, limit_train_batches=batches, seed=cfg.seed),
+    ).replace(**{"accelerator": hw.accelerator, "devices": "1", "precision": hw.precision, **(overrides or {})})
+    hw = hardware_for(s.hardware)  # again: the overrides may change the precision
     L.seed_everything(cfg.seed, verbose=False)
-    dm = FashionMNISTDataModule.from_settings(s)
+    dm = build_datamodule(s)
     model = build_model(s, dm)
     timer = _StepTimer(cfg)
-    trainer = build_trainer(s, hw, workdir / name, extra_callbacks=[timer])
-    trainer.fit(model, datamodule=dm)
-    if cfg.compile:
-        trainer.test(model, datamodule=dm, verbose=False)  # compiles the evaluation shapes, untimed
-    setup_start = time.perf_counter()
-    with evaluation_engine(model, s.eval_engine, hw):  # as `fmnist test --eval-engine` (an ONNX export)
-        eval_setup_s = time.perf_counter() - setup_start
-        trainer.test(model, datamodule=dm, verbose=False)
-    result = timer.result(cfg, s.eval_batch_size, trainer.strategy.root_device)
+    # No validation: 0 is Lightning's "off", which `fit` refuses (its best checkpoint needs val/acc).
+    trainer = build_trainer(s, hw, workdir / name, extra_callbacks=[timer], limit_val_batches=0)
+    with known_warnings_hidden():
+        trainer.fit(model, datamodule=dm)
+        if s.model.compile:
+            trainer.test(model, datamodule=dm, verbose=False)  # compiles the evaluation shapes, untimed
+        setup_start = time.perf_counter()
+        with evaluation_engine(model, s.evaluation.eval_engine, hw):  # as `fmnist test --eval-engine` (an ONNX export)
+            eval_setup_s = time.perf_counter() - setup_start
+            trainer.test(model, datamodule=dm, verbose=False)
+    result = timer.result(cfg, s.evaluation.eval_batch_size, trainer.strategy.root_device)
     result.eval_setup_s = eval_setup_s
-    keys = ("precision", "channels_last", "eval_batch_size", "eval_engine", "compile")
-    result.settings = {k: getattr(s, k) for k in keys}
+    result.settings = {
+        "precision": s.hardware.precision,
+        "channels_last": s.model.channels_last,
+        "eval_batch_size": s.evaluation.eval_batch_size,
+        "eval_engine": s.evaluation.eval_engine,
+        "compile": s.model.compile,
+    }
     return result
 
 
 class _TypicalModule(L.LightningModule):
-    """The LightningModule a typical tutorial writes: integer labels, per-step logging."""
+    """The LightningModule a typical tutorial writes: integer labels, per-step logging. It, and
+    the default `lightning.Trainer` that trains it, are the baseline on purpose: they are not
+    built by this package's factories."""
 
     def __init__(self, channels_last: bool) -> None:
         super().__init__()
@@ -305,7 +296,7 @@ def _torchvision_copy(data_dir: str, root: Path) -> Path:
     return root
 
 
-def bench_typical(cfg: BenchConfig, workdir: Path, root: Path) -> PathResult:
+def bench_typical(cfg: BenchConfig, hw: Hardware, workdir: Path, root: Path) -> PathResult:
     """`root`: what `_torchvision_copy` made (once per benchmark, not per round)."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
@@ -313,25 +304,25 @@ def bench_typical(cfg: BenchConfig, workdir: Path, root: Path) -> PathResult:
     train = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
     test = datasets.FashionMNIST(str(root), train=False, transform=transforms.ToTensor())
     L.seed_everything(cfg.seed, verbose=False)
-    model = _TypicalModule(cfg.channels_last)
-    if cfg.compile:
+    model = _TypicalModule(cfg.model.channels_last)
+    if cfg.model.compile:
         model.net.compile()
     timer = _StepTimer(cfg)
     trainer = L.Trainer(
-        accelerator="gpu" if cfg.device == "cuda" else "cpu",
+        accelerator=hw.accelerator,
         devices=1,
-        precision=cfg.precision,  # type: ignore[arg-type]
+        precision=hw.precision,  # type: ignore[arg-type]
         max_epochs=_epochs_for(cfg)[1],
         callbacks=[timer],
         default_root_dir=str(workdir / "typical"),
     )
     # The official 60k training file: one epoch holds more than 55k images' worth of full batches.
-    trainer.fit(model, DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True))
-    test_loader = DataLoader(test, batch_size=cfg.eval_batch_size)
-    if cfg.compile:
+    trainer.fit(model, DataLoader(train, batch_size=cfg.optimisation.batch_size, shuffle=True, drop_last=True))
+    test_loader = DataLoader(test, batch_size=cfg.evaluation.eval_batch_size)
+    if cfg.model.compile:
         trainer.test(model, test_loader, verbose=False)  # compiles the evaluation shapes, untimed
     trainer.test(model, test_loader, verbose=False)
-    return timer.result(cfg, cfg.eval_batch_size, trainer.strategy.root_device)
+    return timer.result(cfg, cfg.evaluation.eval_batch_size, trainer.strategy.root_device)
 
 
 def round_order(paths: tuple[str, ...], round_index: int) -> tuple[str, ...]:
@@ -344,15 +335,15 @@ def round_order(paths: tuple[str, ...], round_index: int) -> tuple[str, ...]:
 def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the chosen paths `cfg.repeats` times; return everything measured, with versions and
     machine, as a dict: per-round results, means +- std per path, and ratios within each round."""
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda asked for, but no GPU is visible")
-    dm = FashionMNISTDataModule.from_settings(Settings(data_dir=cfg.data_dir, offline=True))
+    hw = bench_hardware(cfg)  # a UsageError when a GPU is asked for but none is visible
+    device = torch.device("cuda" if hw.on_gpu else "cpu")
+    dm = FashionMNISTDataModule.from_settings(cfg.data, cfg.evaluation.eval_batch_size)
     dm.setup()
     rounds: list[dict[str, PathResult]] = []
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
         workdir = Path(tmp)
-        torchvision_root = _torchvision_copy(cfg.data_dir, workdir / "torchvision") if "typical" in cfg.paths else None
+        copy = "typical" in cfg.paths
+        torchvision_root = _torchvision_copy(cfg.data.data_dir, workdir / "torchvision") if copy else None
         for r in range(cfg.repeats):
             measured: dict[str, PathResult] = {}
             for path in round_order(cfg.paths, r):
@@ -360,7 +351,7 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
                     on_path(path if cfg.repeats == 1 else f"{path} (round {r + 1} of {cfg.repeats})")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                measured[path] = _bench_path(path, cfg, dm, device, workdir / f"round-{r + 1}", torchvision_root)
+                measured[path] = _bench_path(path, cfg, dm, hw, device, workdir / f"round-{r + 1}", torchvision_root)
                 # A finished Trainer and its data are reference cycles: free them now, not whenever
                 # the cyclic collector next runs, so later paths' peak memory does not include them.
                 gc.collect()
@@ -368,7 +359,8 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
     per_round_ratios = [_ratios(m) for m in rounds]
     ratio_names = per_round_ratios[0].keys()
     return {
-        "config": cfg.model_dump(),
+        "config": cfg.flat(json=True),
+        "resolved": {"device": device.type, "precision": hw.precision},  # what "auto" became here
         "machine": _machine(device),
         "versions": provenance(),
         "date": time.strftime("%Y-%m-%d"),
@@ -386,18 +378,19 @@ def _bench_path(
     path: str,
     cfg: BenchConfig,
     dm: FashionMNISTDataModule,
+    hw: Hardware,
     device: torch.device,
     workdir: Path,
     torchvision_root: Path | None,
 ) -> PathResult:
     if path == "raw":
-        return bench_raw(cfg, dm, device)
+        return bench_raw(cfg, dm, hw, device)
     if path == "fmnist":
-        return bench_fmnist(cfg, workdir)
+        return bench_fmnist(cfg, hw, workdir)
     if path == "typical":
         assert torchvision_root is not None
-        return bench_typical(cfg, workdir, torchvision_root)
-    return bench_fmnist(cfg, workdir, fast_settings(cfg.device), name="fmnist-fast")
+        return bench_typical(cfg, hw, workdir, torchvision_root)
+    return bench_fmnist(cfg, hw, workdir, fast_settings(device.type), name="fmnist-fast")
 
 
 def _std(values: list[float]) -> float:
@@ -456,7 +449,7 @@ def bench_data(data_dir: str = "data", batch_size: int = 128) -> dict[str, Any]:
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    dm = FashionMNISTDataModule.from_settings(Settings(data_dir=data_dir, offline=True, batch_size=batch_size))
+    dm = FashionMNISTDataModule.from_settings(DataSettings(data_dir=data_dir, offline=True), batch_size, batch_size)
     dm.setup()
     rates = {}
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-data-") as tmp:

@@ -5,7 +5,6 @@ weight averaging."""
 from __future__ import annotations
 
 import csv
-import resource
 import signal
 import time
 from pathlib import Path
@@ -16,31 +15,37 @@ import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
-from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import NonFiniteLoss, TrainingInterrupted
-from fmnist_lightning.hardware import gather_objects, torchrun_agent
-from fmnist_lightning.runs import METRIC_COLUMNS
-from fmnist_lightning.settings import provenance, save_yaml
+from fmnist_lightning.hardware import gather_objects, peak_rss_mb, synchronize, torchrun_agent
+from fmnist_lightning.runs import METRIC_COLUMNS, provenance, read_metrics
+from fmnist_lightning.settings import Settings
+from fmnist_lightning.settings_io import save_yaml
 
 
 def _sync(pl_module: L.LightningModule) -> None:
-    if pl_module.device.type == "cuda":
-        torch.cuda.synchronize(pl_module.device)  # at epoch and validation boundaries only: honest timings
+    synchronize(pl_module.device)  # at epoch and validation boundaries only: honest timings
 
 
 class EpochMetricsCSV(Callback):
     """One row per epoch in `metrics.csv`: train and val loss/accuracy, lr and training speed.
 
     The training time of an epoch excludes the validation that runs inside it (at its end, or at
-    `val_check_interval`): each validation's duration is subtracted.
+    `val_check_interval`): each validation's duration is subtracted. `rows` holds every epoch's
+    row in memory (as floats, empty cells left out), those of a resumed run's earlier epochs too:
+    the fit's summary is made from them.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.rows: list[dict[str, float]] = []
         self._start = self._val_start = 0.0
         self._val_time = 0.0
         self._images = 0
         self._validated = False  # this epoch (--check-val-every-n-epoch skips some)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resumed run continues the file: its earlier epochs are part of this run's history.
+        self.rows = read_metrics(self.path) if trainer.is_global_zero else []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A run resumed mid-epoch skips on_train_epoch_start for that epoch: time it from here.
@@ -95,7 +100,7 @@ class EpochMetricsCSV(Callback):
             "lr": trainer.optimizers[0].param_groups[0]["lr"],
             "train_time_s": round(train_time, 3),
             "images_per_s": round(self._images / train_time, 1) if train_time > 0 else "",
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
             "gpu_peak_mb": round(torch.cuda.max_memory_allocated(pl_module.device) / 2**20, 1) if on_gpu else "",
         }
         new = not self.path.exists()
@@ -104,6 +109,7 @@ class EpochMetricsCSV(Callback):
             if new:
                 writer.writeheader()
             writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+        self.rows.append({k: float(v) for k, v in row.items() if k in METRIC_COLUMNS and v != ""})
         # TensorBoard and MLflow see only what the model logs; add what is measured here, at the
         # step Lightning gives the epoch's own metrics (that of its last optimiser step).
         measured = {k: float(row[k]) for k in ("lr", "images_per_s") if row[k] != ""}

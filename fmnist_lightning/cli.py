@@ -1,10 +1,11 @@
 """The `fmnist` command line: thin Typer commands over the library.
 
-Each command parses its options, calls one library function and renders the result. The options
-of `fit`, `compare`, `bench` and the rest are generated from the fields of the settings models
-(`config.Settings`, `config.BenchConfig`) by `options.with_options`.
+Each command parses its options, validates them into settings, calls one library function and
+renders the result. The options are generated from the settings models' sections (`Settings` for
+training, `EvaluationRun` for evaluating a checkpoint, `BenchConfig`) by `options.with_options`.
 
-torch and lightning are imported inside the commands: `fmnist --help` stays fast.
+torch and lightning are imported inside the commands, after the settings are validated: `fmnist
+--help` stays fast, and a mistyped option costs a fraction of a second, not an import of torch.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ from typing import Annotated, Any, NoReturn, Optional
 import typer
 
 from fmnist_lightning import __version__, render
-from fmnist_lightning.config import BenchConfig, Settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import close_process_group, is_global_zero
 from fmnist_lightning.options import with_options
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
-from fmnist_lightning.settings import from_options, resolve_settings
+from fmnist_lightning.settings import BENCH_OPTIONS, BenchConfig, DataSettings, EvaluationRun, Settings
+from fmnist_lightning.settings_io import fit_settings, from_options, resolve_settings
 
 app = typer.Typer(
     name="fmnist",
@@ -39,9 +40,6 @@ app = typer.Typer(
     add_completion=False,
 )
 
-HARDWARE = ("accelerator", "devices", "strategy", "num_nodes", "precision", "gpus")
-DATA = ("data_dir", "offline")
-EVALUATION = ("eval_batch_size", "eval_engine", "tta")
 _debug = False  # set by --debug on the root command: show tracebacks instead of one-line errors
 
 
@@ -53,7 +51,6 @@ _debug = False  # set by --debug on the root command: show tracebacks instead of
 def user_errors() -> Iterator[None]:
     """Turn FmnistError into one red line on stderr and its exit code (a traceback with --debug)."""
     try:
-        quiet_lightning()
         yield
     except FmnistError as exc:
         if _debug:
@@ -102,11 +99,15 @@ def root(
 
 def quiet_lightning() -> None:
     """Import lightning, then hide its start-up chatter (GPU available, tips); --debug keeps it.
+    Called by each command once its settings are valid.
 
-    Lightning sets its loggers to INFO when imported, so this must run after the import.
+    Lightning sets its loggers to INFO when imported, so this must run after the import. Its
+    package logger also brings a console handler of its own: its messages would be printed
+    twice, by that handler and by ours (the root logger's). Ours alone prints them.
     """
     import lightning  # noqa: F401
 
+    logging.getLogger("lightning").handlers.clear()
     if not _debug:
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -127,7 +128,6 @@ NewestCkptOption = Annotated[
     typer.Option("--ckpt", help="Checkpoint file. Default: the newest run's best.ckpt in runs/.", show_default=False),
 ]
 ConfigOption = Annotated[Optional[Path], typer.Option(help="YAML file of settings (keys = option names).")]
-ALL_SETTINGS = tuple(Settings.model_fields)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,23 +135,25 @@ ALL_SETTINGS = tuple(Settings.model_fields)
 
 
 @app.command()
-@with_options(Settings, (*DATA, "val_size"))
+@with_options(EvaluationRun, DataSettings.model_fields)
 def data(
     given: dict[str, Any],
     out: Annotated[Path, typer.Option(help="Where to write samples.png.")] = Path("runs/data"),
 ) -> None:
     """Analyse the data: split shapes, pixel range, images per class, and a grid of samples."""
     with user_errors():
+        settings = from_options(EvaluationRun, given)
+        quiet_lightning()
         from fmnist_lightning.data import CLASS_NAMES
         from fmnist_lightning.evaluation import analyse_data
 
-        analysis = analyse_data(resolve_settings(None, given), out)
+        analysis = analyse_data(settings.data, out)
         render.data_summary(analysis.source, analysis.summary, CLASS_NAMES)
         render.wrote(analysis.samples_png)
 
 
 @app.command()
-@with_options(Settings, ALL_SETTINGS)
+@with_options(Settings)
 def fit(
     given: dict[str, Any],
     config: ConfigOption = None,
@@ -168,21 +170,22 @@ def fit(
 ) -> None:
     """Train the CNN. Settings come from defaults, then --config, then the options given here."""
     with user_errors():
-        from fmnist_lightning.training import fit_settings, run_fit
-
         s = fit_settings(config, given, out, resume)
-        if test and s.fast_dev_run:
+        if test and s.run.fast_dev_run:
             raise UsageError("--fast-dev-run already tests one batch and keeps no checkpoint; drop --test")
+        quiet_lightning()
+        from fmnist_lightning.training import run_fit
+
         result = run_fit(s, out=out, resume=resume, overwrite=overwrite)
         if result.is_global_zero:
             render.fit_summary(result)
         if test:  # every rank: under DDP the test is distributed too
-            _test(result.best_checkpoint, s, result.run_dir)
+            _test(result.best_checkpoint, s.evaluation_run(), result.run_dir)
         close_process_group()
 
 
 @app.command("lr-find")
-@with_options(Settings, ALL_SETTINGS)
+@with_options(Settings)
 def lr_find(
     given: dict[str, Any],
     config: ConfigOption = None,
@@ -199,20 +202,23 @@ def lr_find(
     against it (lr_find.png, the suggestion marked) and prints the `fmnist fit` line that uses it.
     """
     with user_errors():
+        s = resolve_settings(config, given)
+        quiet_lightning()
         from fmnist_lightning.lr_find import fit_command, format_lr, run_lr_find
 
-        result = run_lr_find(resolve_settings(config, given), out, steps, min_lr, max_lr)
+        result = run_lr_find(s, out, steps, min_lr, max_lr)
         render.lr_find(format_lr(result.suggestion), result.steps, fit_command(config, given, result.suggestion))
         render.wrote(result.plot)
 
 
 @app.command()
-@with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
+@with_options(EvaluationRun)
 def test(given: dict[str, Any], ckpt: NewestCkptOption = None, out: OutOption = None) -> None:
     """Evaluate a checkpoint on the 10,000 test images: loss, accuracy, classification report."""
     with user_errors():
+        settings = from_options(EvaluationRun, given)
         ckpt = _checkpoint(ckpt)
-        _test(ckpt, resolve_settings(None, given), out or default_out_for(ckpt))
+        _test(ckpt, settings, out or default_out_for(ckpt))
 
 
 def _checkpoint(ckpt: Path | None) -> Path:
@@ -224,7 +230,8 @@ def _checkpoint(ckpt: Path | None) -> Path:
     return newest
 
 
-def _test(ckpt: Path, s: Settings, out: Path) -> None:
+def _test(ckpt: Path, s: EvaluationRun, out: Path) -> None:
+    quiet_lightning()
     from fmnist_lightning.data import CLASS_NAMES
     from fmnist_lightning.evaluation import run_test
     from fmnist_lightning.runs import check_output_dir
@@ -237,7 +244,7 @@ def _test(ckpt: Path, s: Settings, out: Path) -> None:
 
 
 @app.command("predict-samples")
-@with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
+@with_options(EvaluationRun)
 def predict_samples(
     given: dict[str, Any],
     ckpt: NewestCkptOption = None,
@@ -246,17 +253,19 @@ def predict_samples(
 ) -> None:
     """Show correctly and incorrectly classified test images (correct.png, incorrect.png)."""
     with user_errors():
-        from fmnist_lightning.evaluation import predict_samples as run_predict_samples
-
+        settings = from_options(EvaluationRun, given)
         ckpt = _checkpoint(ckpt)
         out = out or default_out_for(ckpt)
-        picked = run_predict_samples(ckpt, resolve_settings(None, given), num, out)
+        quiet_lightning()
+        from fmnist_lightning.evaluation import predict_samples as run_predict_samples
+
+        picked = run_predict_samples(ckpt, settings, num, out)
         if picked is not None:
             render.samples(picked, num, [out / name for name in SAMPLE_FILES])
 
 
 @app.command()
-@with_options(Settings, tuple(n for n in ALL_SETTINGS if n != "dropout"))
+@with_options(Settings, exclude=("dropout",))
 def compare(
     given: dict[str, Any],
     config: ConfigOption = None,
@@ -266,15 +275,17 @@ def compare(
 ) -> None:
     """Train the same configuration with and without dropout, test both, and compare."""
     with user_errors():
+        s = resolve_settings(config, given)
+        quiet_lightning()
         from fmnist_lightning.compare import run_compare
 
-        rows = run_compare(resolve_settings(config, given), out)
+        rows = run_compare(s, out)
         if rows is not None:
             render.compare(rows)
 
 
 @app.command()
-@with_options(Settings, ALL_SETTINGS)
+@with_options(Settings)
 def tune(
     given: dict[str, Any],
     space: Annotated[
@@ -309,17 +320,19 @@ def tune(
     """
     with user_errors():
         from fmnist_lightning.space import load_space
+
+        base = resolve_settings(config, given)
+        params = load_space(space, base)
+        quiet_lightning()
         from fmnist_lightning.tune import require_optuna, run_tune
 
         require_optuna()
-        base = resolve_settings(config, given)
-        params = load_space(space, base)
         study_dir = out or Path("runs") / f"tune-{space.stem}"
         render.tune_summary(run_tune(base, params, trials, study_dir, timeout, storage, study_name))
 
 
 @app.command()
-@with_options(BenchConfig, BenchConfig.model_fields)
+@with_options(BenchConfig, BENCH_OPTIONS)
 def bench(
     given: dict[str, Any],
     json_path: Annotated[
@@ -329,6 +342,7 @@ def bench(
     """Benchmark training and evaluation speed: raw PyTorch vs fmnist vs a typical tutorial pipeline."""
     with user_errors():
         cfg = from_options(BenchConfig, given)
+        quiet_lightning()
         from fmnist_lightning.bench import run_benchmark
         from fmnist_lightning.runs import check_output_dir
 
@@ -343,7 +357,7 @@ def bench(
 
 
 @app.command()
-@with_options(Settings, ("accelerator", "eval_batch_size"))
+@with_options(EvaluationRun, ("accelerator", "eval_batch_size"))
 def predict(
     given: dict[str, Any],
     ckpt: CkptOption,
@@ -368,9 +382,11 @@ def predict(
     Unreadable files are reported one line each; the exit code is then 1.
     """
     with user_errors():
+        settings = from_options(EvaluationRun, given)
+        quiet_lightning()
         from fmnist_lightning.inference import classify
 
-        predictions, problems = classify(ckpt, images, resolve_settings(None, given), invert)
+        predictions, problems = classify(ckpt, images, settings.hardware, settings.evaluation.eval_batch_size, invert)
         for problem in problems:
             render.problem("error", str(problem))
         rows = [(str(p.path), p.top(3)) for p in predictions]
@@ -386,7 +402,7 @@ def predict(
 
 
 @app.command()
-@with_options(Settings, DATA)
+@with_options(EvaluationRun, DataSettings.model_fields)
 def export(
     given: dict[str, Any],
     ckpt: CkptOption,
@@ -403,14 +419,16 @@ def export(
     1000 test images; the command fails if they disagree.
     """
     with user_errors():
+        settings = from_options(EvaluationRun, given)
+        quiet_lightning()
         from fmnist_lightning.inference import EXPORT_EXTRA_HINT, EXPORT_TOLERANCE, export_checkpoint
 
-        result = export_checkpoint(ckpt, fmt, out, resolve_settings(None, given))
+        result = export_checkpoint(ckpt, fmt, out, settings.data)
         render.export_summary(result.path, fmt, result, EXPORT_EXTRA_HINT, EXPORT_TOLERANCE)
 
 
 @app.command()
-@with_options(Settings, (*HARDWARE, *DATA, *EVALUATION))
+@with_options(EvaluationRun)
 def report(
     given: dict[str, Any],
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Run folder, e.g. runs/001.", show_default=False)],
@@ -420,10 +438,12 @@ def report(
     Runs `test` and `predict-samples` first when their files are missing or older than the checkpoint.
     """
     with user_errors():
+        settings = from_options(EvaluationRun, given)
+        quiet_lightning()
         from fmnist_lightning.data import CLASS_NAMES
         from fmnist_lightning.evaluation import make_report
 
-        update = make_report(run_dir, resolve_settings(None, given))
+        update = make_report(run_dir, settings)
         if update.report is not None:
             render.test_report(update.report, CLASS_NAMES)
             render.wrote(*(run_dir / name for name in TEST_FILES))

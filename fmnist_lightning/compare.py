@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fmnist_lightning.config import Settings
 from fmnist_lightning.evaluation import run_test
 from fmnist_lightning.plots import plot_compare
-from fmnist_lightning.runs import METRICS, claimed_run_dir, read_metrics
+from fmnist_lightning.runs import claimed_run_dir
+from fmnist_lightning.settings import Settings
 from fmnist_lightning.training import run_fit
 
 VARIANTS = (("dropout", True), ("no-dropout", False))
@@ -25,12 +25,12 @@ def run_compare(s: Settings, out: Path | None = None) -> list[dict[str, Any]] | 
     rows, curves = [], {}
     with claimed_run_dir(out) as base:
         for name, dropout in VARIANTS:
-            variant = s.model_copy(update={"dropout": dropout})
+            variant = s.replace(dropout=dropout)
             fitted = run_fit(variant, out=base / name)
-            _, report = run_test(fitted.best_checkpoint, variant, fitted.run_dir)
+            _, report = run_test(fitted.best_checkpoint, variant.evaluation_run(), fitted.run_dir)
             if report is None:  # not rank 0
                 continue
-            history = read_metrics(fitted.run_dir / METRICS)
+            history = fitted.history
             curves[name] = history
             last = history[-1] if history else {}
             rows.append(

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from fmnist_lightning.config import Settings
+from fmnist_lightning.settings import AugmentationSettings, DataSettings
 from fmnist_lightning.sources import FashionMNIST, load_fashion_mnist, locate
 
 log = logging.getLogger(__name__)
@@ -210,7 +210,7 @@ class TensorBatches:
             yield self.make_batch(order[first : first + self.batch_size], number)
 
     def make_batch(self, idx: torch.Tensor, batch_number: int) -> Batch:
-        x = self.images[idx].unsqueeze(1).float().div_(255.0)
+        x = to_float_images(self.images[idx])
         if self.augment.active:
             # Randomness keyed by (seed, epoch, batch): reproducible and unchanged by a resume.
             gen = torch.Generator(device=x.device).manual_seed(
@@ -219,6 +219,12 @@ class TensorBatches:
             x = self.augment(x, gen)
         y = self.labels[idx]
         return Batch(x, one_hot(y, self.label_smoothing), y, idx)
+
+
+def to_float_images(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 28, 28) as the network takes them: float (N, 1, 28, 28) in [0, 1]. The one
+    place pixels become inputs: training batches, evaluation, `predict`, export and the benchmark."""
+    return pixels.unsqueeze(1).float().div_(255.0)
 
 
 def one_hot(labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
@@ -283,16 +289,26 @@ class FashionMNISTDataModule(L.LightningDataModule):
         self._resume_position: dict[str, int] | None = None
 
     @classmethod
-    def from_settings(cls, s: Settings) -> FashionMNISTDataModule:
+    def from_settings(
+        cls,
+        data: DataSettings,
+        eval_batch_size: int,
+        batch_size: int = 1,
+        augmentation: AugmentationSettings | None = None,
+        seed: int = 0,
+    ) -> FashionMNISTDataModule:
+        """The data section, and what training adds: its batch size, augmentation and seed (the
+        defaults suit evaluation, which draws no training batches)."""
+        aug = augmentation or AugmentationSettings()
         return cls(
-            data_dir=s.data_dir,
-            offline=s.offline,
-            val_size=s.val_size,
-            batch_size=s.batch_size,
-            eval_batch_size=s.eval_batch_size,
-            label_smoothing=s.label_smoothing,
-            seed=s.seed,
-            augment=Augment(translate=2 if s.augment else 0, hflip=s.augment, erase_p=s.random_erasing),
+            data_dir=data.data_dir,
+            offline=data.offline,
+            val_size=data.val_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            label_smoothing=aug.label_smoothing,
+            seed=seed,
+            augment=Augment(translate=2 if aug.augment else 0, hflip=aug.augment, erase_p=aug.random_erasing),
         )
 
     def prepare_data(self) -> None:

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 from fmnist_lightning.checkpoints import load_classifier
-from fmnist_lightning.config import Settings
 from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, SplitSummary, first_of_each_class, summarize
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import Hardware, hardware_for
@@ -31,7 +29,9 @@ from fmnist_lightning.runs import (
     check_output_dir,
     default_out_for,
 )
+from fmnist_lightning.settings import DataSettings, EvaluationRun
 from fmnist_lightning.tracking import log_run_files
+from fmnist_lightning.trainers import make_trainer
 
 MAX_SAMPLES = 100  # images per grid in predict-samples: more would not be readable (nor fit a PNG)
 
@@ -79,26 +79,20 @@ def evaluation_engine(model: FashionClassifier, engine: str, hw: Hardware) -> It
         model.net = torch_net
 
 
-def evaluate(ckpt: Path, s: Settings) -> TestResults:
+def evaluate(ckpt: Path, s: EvaluationRun) -> TestResults:
     """Evaluate a checkpoint on the official 10,000 test images, each exactly once (also under DDP),
-    with the hardware, data and evaluation settings of `s`.
+    with the hardware, data and evaluation sections of `s`.
 
     The `torch` engine runs the fast path: channels_last layout and inference mode, whatever
     layout the model was trained in (same arithmetic in another memory order; `tests/test_model.py`
     checks agreement). `onnxruntime` exports the network and runs it there (CPU, fp32).
     """
-    hw = hardware_for(s)
+    hw = hardware_for(s.hardware)
     model = load_classifier(ckpt).to_channels_last()
-    model.flip_tta = s.tta
-    datamodule = FashionMNISTDataModule.from_settings(s)
-    trainer = L.Trainer(
-        **hw.trainer_kwargs(),
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-    )
-    with evaluation_engine(model, s.eval_engine, hw):
+    model.flip_tta = s.evaluation.tta
+    datamodule = FashionMNISTDataModule.from_settings(s.data, s.evaluation.eval_batch_size)
+    trainer = make_trainer(hw)
+    with evaluation_engine(model, s.evaluation.eval_engine, hw):
         trainer.test(model, datamodule=datamodule, verbose=False)
     values = model.test_results
     images, labels = datamodule.split("test")
@@ -109,7 +103,7 @@ def evaluate(ckpt: Path, s: Settings) -> TestResults:
         index=values["index"],
         images=images[values["index"]],
         is_global_zero=trainer.is_global_zero,
-        tta=s.tta,
+        tta=s.evaluation.tta,
     )
 
 
@@ -196,7 +190,7 @@ def write_sample_grids(results: TestResults, num: int, out: Path) -> dict[str, l
     return picked
 
 
-def predict_samples(ckpt: Path, s: Settings, num: int, out: Path) -> dict[str, list[int]] | None:
+def predict_samples(ckpt: Path, s: EvaluationRun, num: int, out: Path) -> dict[str, list[int]] | None:
     """What `fmnist predict-samples` does: evaluate, then (on rank 0) write correct.png and
     incorrect.png to `out`. Returns the indices shown (None on other ranks)."""
     check_sample_count(num)  # before the evaluation, so a bad --num fails at once
@@ -205,7 +199,7 @@ def predict_samples(ckpt: Path, s: Settings, num: int, out: Path) -> dict[str, l
     return write_sample_grids(results, num, out) if results.is_global_zero else None
 
 
-def run_test(ckpt: Path, s: Settings, out: Path) -> tuple[TestResults, dict[str, Any] | None]:
+def run_test(ckpt: Path, s: EvaluationRun, out: Path) -> tuple[TestResults, dict[str, Any] | None]:
     """What `fmnist test` does: evaluate, then (on rank 0) write report.json, predictions.csv and the
     confusion matrix to `out`. Returns the results and the report (None on other ranks)."""
     results = evaluate(ckpt, s)
@@ -226,7 +220,7 @@ class ReportUpdate:
     page: Path | None  # None on DDP ranks other than 0
 
 
-def make_report(run_dir: Path, s: Settings, num_samples: int = 9) -> ReportUpdate:
+def make_report(run_dir: Path, s: EvaluationRun, num_samples: int = 9) -> ReportUpdate:
     """What `fmnist report` does: bring the test report and sample grids up to date with the run's
     best checkpoint (one pass over the test set serves both), then write `report.html`."""
     if not run_dir.is_dir():
@@ -253,13 +247,13 @@ class DataAnalysis:
     samples_png: Path
 
 
-def analyse_data(s: Settings, out: Path) -> DataAnalysis:
+def analyse_data(data: DataSettings, out: Path) -> DataAnalysis:
     """What `fmnist data` does, as the tutorial's "analyse the data": each split's shapes, pixel
     range and images per class, and `samples.png` with the first image of each class."""
     from fmnist_lightning.plots import plot_image_grid
 
     check_output_dir(out)
-    dm = FashionMNISTDataModule.from_settings(s)
+    dm = FashionMNISTDataModule.from_settings(data, eval_batch_size=1)  # reads the splits, draws no batches
     dm.setup()
     images, labels = dm.split("train")
     first = first_of_each_class(labels)

@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 from fmnist_lightning.errors import UsageError
 
 if TYPE_CHECKING:
-    from fmnist_lightning.config import Settings
+    import torch
+
+    from fmnist_lightning.settings import HardwareSettings
 
 
 def is_global_zero() -> bool:
@@ -126,6 +128,15 @@ def _parse_devices(devices: str) -> int | list[int] | str:
     return int(devices)
 
 
+def cpu_supports_bf16() -> bool:
+    """Whether the CPU has native bf16 instructions (else bf16 autocast is emulated and slower)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def gpu_supports_bf16() -> bool:
     """Native bf16 only: V100s and T4s emulate it (slower than 16-mixed), and torch counts that by default."""
     import torch
@@ -176,8 +187,23 @@ def resolve_hardware(
     return Hardware(accelerator, count, strategy, precision, num_nodes)
 
 
-def hardware_for(s: Settings) -> Hardware:
-    return resolve_hardware(s.accelerator, s.devices, s.strategy, s.precision, s.num_nodes, s.gpus)
+def hardware_for(h: HardwareSettings) -> Hardware:
+    return resolve_hardware(h.accelerator, h.devices, h.strategy, h.precision, h.num_nodes, h.gpus)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: a timing mark must not run ahead of a GPU (a no-op on the CPU)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def close_process_group() -> None:

@@ -16,8 +16,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fmnist_lightning.errors import FmnistError, UsageError
 from fmnist_lightning.runs import (
     BEST_CHECKPOINT,
@@ -31,9 +29,10 @@ from fmnist_lightning.runs import (
     METRICS,
     SAMPLE_FILES,
     TEST_REPORT,
+    best_row,
     read_metrics,
 )
-from fmnist_lightning.settings import PROVENANCE_KEY
+from fmnist_lightning.settings_io import read_config
 
 # What the page shows of `fmnist test`'s outputs (not predictions.csv).
 TEST_INPUTS = (TEST_REPORT, CONFUSION_MATRIX)
@@ -101,7 +100,7 @@ def _classification_table(report: dict[str, Any]) -> str:
 
 
 def _summary(metrics: list[dict[str, float]], report: dict[str, Any]) -> dict[str, str]:
-    best = max(metrics, key=lambda r: r.get("val/acc", -1.0), default={})
+    best = best_row(metrics)
     summary = {"epochs trained": str(len(metrics))}
     if "val/acc" in best:
         summary["best epoch"] = f"{int(best['epoch'])} (val accuracy {best['val/acc']:.4f})"
@@ -121,8 +120,7 @@ def render_report(run_dir: Path) -> str:
             f"{', '.join(TEST_INPUTS)} and `fmnist predict-samples` {', '.join(SAMPLE_FILES)} (`fmnist report` "
             f"runs the last two itself when {BEST_CHECKPOINT} exists)"
         )
-    config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
-    provenance = config.pop(PROVENANCE_KEY, None) or {}
+    config, provenance = read_config(run_dir / CONFIG)
     report = json.loads((run_dir / TEST_REPORT).read_text(encoding="utf-8"))
     metrics = read_metrics(run_dir / METRICS)
     title = f"Fashion-MNIST run {run_dir.resolve().name}"

@@ -22,12 +22,13 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmnist_lightning.checkpoints import load_classifier
-from fmnist_lightning.config import Settings
-from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE, FashionMNISTDataModule
+from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE, to_float_images
 from fmnist_lightning.errors import FmnistError, UsageError
 from fmnist_lightning.hardware import hardware_for
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import default_out_for
+from fmnist_lightning.settings import DataSettings, HardwareSettings
+from fmnist_lightning.sources import load_fashion_mnist
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what a folder is searched for
 MAX_MEGAPIXELS = 40  # larger images are refused (camera photos are mostly 12-24 megapixels)
@@ -135,7 +136,7 @@ def fashion_mnist_style(gray: np.ndarray, invert: bool = True) -> np.ndarray:
 def load_image(path: Path, invert: bool = True) -> torch.Tensor:
     """One image file as the model's input: float (1, 28, 28) in [0, 1]."""
     pixels = fashion_mnist_style(read_grayscale(path), invert)
-    return torch.from_numpy(pixels.copy()).float().div_(255.0).unsqueeze(0)
+    return to_float_images(torch.from_numpy(pixels.copy()).unsqueeze(0))[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,15 +178,16 @@ def predict_images(
 
 
 def classify(
-    ckpt: Path, inputs: Sequence[Path], s: Settings, invert: bool = True
+    ckpt: Path, inputs: Sequence[Path], hardware: HardwareSettings, batch_size: int, invert: bool = True
 ) -> tuple[list[Prediction], list[ImageError]]:
     """What `fmnist predict` does: the class probabilities of every readable image (files, and
-    the images directly inside folders), and one problem per input that could not be read."""
-    device = torch.device("cuda" if hardware_for(s).on_gpu else "cpu")
+    the images directly inside folders), and one problem per input that could not be read; in
+    batches of `batch_size`, on the first GPU when `hardware` resolves to one."""
+    device = torch.device("cuda" if hardware_for(hardware).on_gpu else "cpu")
     model = load_classifier(ckpt)
     paths, problems = image_paths(inputs)
     predictions: list[Prediction] = []
-    for outcome in predict_images(model, paths, device, s.eval_batch_size, invert):
+    for outcome in predict_images(model, paths, device, batch_size, invert):
         if isinstance(outcome, Prediction):
             predictions.append(outcome)
         else:
@@ -326,14 +328,14 @@ def export_model(model: FashionClassifier, fmt: str, path: Path, check_images: t
     return ExportResult(path, runtime, diff, len(check_images))
 
 
-def export_checkpoint(ckpt: Path, fmt: str, out: Path | None, s: Settings) -> ExportResult:
+def export_checkpoint(ckpt: Path, fmt: str, out: Path | None, data: DataSettings) -> ExportResult:
     """What `fmnist export` does: the checkpoint's network as `fmt`, written to `out` (default: the
-    run folder) and checked against PyTorch on the first test images."""
+    run folder) and checked against PyTorch on the first test images (read from `data`)."""
     if fmt not in EXPORT_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
     path = out or default_out_for(ckpt) / EXPORT_FORMATS[fmt]
     if path.is_dir():
         raise UsageError(f"--out {path} is a folder; give the file to write, e.g. {path / EXPORT_FORMATS[fmt]}")
     model = load_classifier(ckpt)
-    test_images = FashionMNISTDataModule.from_settings(s).split("test")[0][:CHECK_IMAGES]
-    return export_model(model, fmt, path, test_images.unsqueeze(1).float() / 255.0)
+    test_images = load_fashion_mnist(Path(data.data_dir), offline=data.offline).test_images[:CHECK_IMAGES]
+    return export_model(model, fmt, path, to_float_images(test_images))

@@ -17,13 +17,13 @@ import lightning as L
 from lightning.pytorch.tuner import Tuner, lr_finder
 
 from fmnist_lightning.callbacks import SeedRanks
-from fmnist_lightning.config import Settings
-from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import FmnistError, UsageError
 from fmnist_lightning.hardware import hardware_for
 from fmnist_lightning.runs import check_output_dir
-from fmnist_lightning.settings import option_name
-from fmnist_lightning.training import build_model
+from fmnist_lightning.settings import Settings
+from fmnist_lightning.settings_io import option_name
+from fmnist_lightning.trainers import known_warnings_hidden, loop_options, make_trainer
+from fmnist_lightning.training import build_datamodule, build_model
 
 LR_FIND_PLOT = "lr_find.png"
 
@@ -39,40 +39,37 @@ def run_lr_find(s: Settings, out: Path, steps: int = 100, min_lr: float = 1e-8, 
     """Train `steps` optimiser steps with the learning rate growing exponentially from `min_lr` to
     `max_lr`, write the loss against it to `out`/lr_find.png and return Lightning's suggestion
     (the steepest descent of the smoothed loss)."""
-    if s.fast_dev_run:
+    if s.run.fast_dev_run:
         raise UsageError("--fast-dev-run runs one batch; the learning-rate finder needs --steps of them")
     if not 0 < min_lr < max_lr:
         raise UsageError(f"--min-lr {min_lr:g} must be positive and below --max-lr {max_lr:g}")
     check_output_dir(out)
-    hw = hardware_for(s)
-    L.seed_everything(s.seed, workers=False, verbose=False)
-    datamodule = FashionMNISTDataModule.from_settings(s)
+    hw = hardware_for(s.hardware)
+    L.seed_everything(s.run.seed, workers=False, verbose=False)
+    datamodule = build_datamodule(s)
     model = build_model(s, datamodule)
     with tempfile.TemporaryDirectory(prefix="fmnist-lr-find-") as tmp:  # Lightning's own save-and-restore
-        trainer = L.Trainer(
-            **hw.trainer_kwargs(),
-            # What shapes the loss along the way; the range test replaces the schedule itself.
-            gradient_clip_val=s.gradient_clip_val or None,
-            gradient_clip_algorithm=s.gradient_clip_algorithm,
-            accumulate_grad_batches=s.accumulate_grad_batches,
-            deterministic=s.deterministic,
-            limit_train_batches=s.limit_train_batches,
-            max_steps=steps,  # also sizes the schedule that configure_optimizers builds (and the finder replaces)
-            max_epochs=-1,
-            callbacks=[SeedRanks(s.seed)],
-            logger=False,
+        # What shapes the loss along the way, as in `fit`; the range test replaces the schedule itself.
+        options = {
+            **loop_options(s.run, s.toolkit),
+            "max_steps": steps,  # also sizes the schedule that configure_optimizers builds (and the finder replaces)
+            "max_epochs": -1,
+        }
+        trainer = make_trainer(
+            hw,
+            **options,
+            callbacks=[SeedRanks(s.run.seed)],
             enable_checkpointing=False,
             default_root_dir=tmp,
-            enable_progress_bar=s.progress,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            use_distributed_sampler=False,  # our batches are sharded by the data module itself
+            progress=s.run.progress,
         )
         # The range test draws its own tqdm bar, whatever the Trainer's progress setting.
         bar: AbstractContextManager[Any] = (
-            nullcontext() if s.progress else mock.patch.object(lr_finder, "tqdm", partial(lr_finder.tqdm, disable=True))
+            nullcontext()
+            if s.run.progress
+            else mock.patch.object(lr_finder, "tqdm", partial(lr_finder.tqdm, disable=True))
         )
-        with bar:
+        with bar, known_warnings_hidden():
             finder = Tuner(trainer).lr_find(
                 model, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr, num_training=steps
             )

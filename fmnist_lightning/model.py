@@ -23,24 +23,12 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from fmnist_lightning.config import Settings
 from fmnist_lightning.data import NUM_CLASSES, Batch
 from fmnist_lightning.hardware import gather_objects
 from fmnist_lightning.networks import build_network
+from fmnist_lightning.settings import ModelSettings, OptimisationSettings
 
 CHECKPOINT_FORMAT = 2  # bumped when a checkpoint written by this package changes incompatibly
-# The settings a FashionClassifier takes (its hyperparameters, with the input standardisation).
-MODEL_SETTINGS = {
-    "network",
-    "dropout",
-    "dropout_conv",
-    "dropout_dense",
-    "lr",
-    "optimizer",
-    "weight_decay",
-    "lr_schedule",
-    "channels_last",
-}
 
 
 def build_optimizer(
@@ -139,7 +127,7 @@ class FashionClassifier(L.LightningModule):
     """Softmax cross-entropy on one-hot targets; running sums for training and validation, and
     torchmetrics' full classification report once over the test set.
 
-    Every argument is required: the defaults live in `config.Settings` only, and a checkpoint's
+    Every argument is required: the defaults live in `settings.py` only, and a checkpoint's
     hyperparameters hold them all.
     """
 
@@ -174,9 +162,25 @@ class FashionClassifier(L.LightningModule):
         self.test_results: dict[str, Any] = {}
 
     @classmethod
-    def from_settings(cls, s: Settings, input_mean: float = 0.0, input_std: float = 1.0) -> FashionClassifier:
-        """The model a run's settings describe; `input_mean`/`input_std` standardise its input."""
-        return cls(**s.model_dump(include=MODEL_SETTINGS), input_mean=input_mean, input_std=input_std)
+    def from_settings(
+        cls, model: ModelSettings, optimisation: OptimisationSettings, input_mean: float = 0.0, input_std: float = 1.0
+    ) -> FashionClassifier:
+        """The model the model and optimisation sections describe; `input_mean`/`input_std`
+        standardise its input (the train split's statistics with `standardize`). `compile` is
+        applied by the builder, `batch_size` by the data module."""
+        return cls(
+            network=model.network,
+            dropout=model.dropout,
+            dropout_conv=model.dropout_conv,
+            dropout_dense=model.dropout_dense,
+            channels_last=model.channels_last,
+            lr=optimisation.lr,
+            optimizer=optimisation.optimizer,
+            weight_decay=optimisation.weight_decay,
+            lr_schedule=optimisation.lr_schedule,
+            input_mean=input_mean,
+            input_std=input_std,
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for images in [0, 1] shaped (B, 1, 28, 28)."""
@@ -263,7 +267,7 @@ class FashionClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from fmnist_lightning.settings import provenance
+        from fmnist_lightning.runs import provenance
 
         checkpoint["fmnist_lightning"] = {"format": CHECKPOINT_FORMAT, **provenance()}
         # Lightning does not save RNG states; dropout needs them for an exact resume. Every rank

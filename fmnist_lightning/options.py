@@ -1,7 +1,8 @@
 """CLI options generated from the settings models, so YAML keys, options and config.yaml agree.
 
-`with_options(Settings, names)` adds the named fields of a model to a Typer command as options: the
-field's type (Literal choices, `--x/--no-x` for booleans, comma lists, Lightning's count-or-fraction
+`with_options(Settings)` adds every setting of a model (or `with_options(EvaluationRun)` the
+sections of evaluation; `names` picks some) to a Typer command as options: the field's type
+(Literal choices, `--x/--no-x` for booleans, comma lists, Lightning's count-or-fraction
 limits as text), its default and its description as help. An option counts as given when Click
 says it came from the command line (`ctx.get_parameter_source`); only those override a config file.
 """
@@ -16,16 +17,17 @@ from typing import Any, Optional
 
 import typer
 
-from fmnist_lightning.config import StrictModel
-from fmnist_lightning.settings import option_name
+from fmnist_lightning.settings import FlatField, Sectioned
+from fmnist_lightning.settings_io import option_name
 
 
-def _option(name: str, info: Any) -> inspect.Parameter:
-    """A keyword parameter whose default is the typer.Option for one model field."""
-    kind = info.annotation
+def _option(field: FlatField) -> inspect.Parameter:
+    """A keyword parameter whose default is the typer.Option for one setting."""
+    name, info = field.name, field.info
+    kind: Any = info.annotation
     args = typing.get_args(kind)
     decls = [option_name(name)]
-    default, metavar = info.default, None
+    default, metavar = field.default, None
     if kind is bool:
         decls = [f"{option_name(name)}/--no-{option_name(name)[2:]}"]
     elif typing.get_origin(kind) is tuple:  # repeated, or a comma-separated list, on the command line
@@ -45,10 +47,14 @@ def _from_command_line(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name == "COMMANDLINE"
 
 
-def with_options(model: type[StrictModel], names: Iterable[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Add the named fields of `model` as options. The command receives the ones given on the
-    command line as a dict, `given`; its own parameters are left as they are."""
-    names = list(names)
+def with_options(
+    model: type[Sectioned], names: Iterable[str] | None = None, exclude: Iterable[str] = ()
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the settings of `model` (all, or the named ones, less `exclude`) as options. The command
+    receives the ones given on the command line as a dict, `given`; its own parameters are left
+    as they are."""
+    fields = model.flat_fields()
+    names = [n for n in (fields if names is None else names) if n not in set(exclude)]
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         hints = typing.get_type_hints(fn, include_extras=True)  # resolved, keeping Annotated options
@@ -64,7 +70,7 @@ def with_options(model: type[StrictModel], names: Iterable[str]) -> Callable[[Ca
                 kwargs.pop(n, None)
             return fn(given=given, **kwargs)
 
-        params = [context, *own, *(_option(n, model.model_fields[n]) for n in names)]
+        params = [context, *own, *(_option(fields[n]) for n in names)]
         command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in params}
         return command

@@ -127,11 +127,11 @@ def compare(rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 def bench(result: Mapping[str, Any]) -> None:
-    cfg, machine = result["config"], result["machine"]
+    cfg, machine, resolved = result["config"], result["machine"], result["resolved"]
     rounds = cfg["repeats"]
     title = (
-        f"{cfg['device']} ({machine.get('gpu') or machine['cpu']}, {machine['cpu_threads']} threads), "
-        f"{cfg['precision']}, batch {cfg['batch_size']}, {cfg['steps']} steps after {cfg['warmup_steps']} warm-up"
+        f"{resolved['device']} ({machine.get('gpu') or machine['cpu']}, {machine['cpu_threads']} threads), "
+        f"{resolved['precision']}, batch {cfg['batch_size']}, {cfg['steps']} steps after {cfg['warmup_steps']} warm-up"
         f"{f', mean +- std of {rounds} rounds' if rounds > 1 else ''}; "
         f"torch {result['versions']['torch']}, lightning {result['versions']['lightning']}"
     )

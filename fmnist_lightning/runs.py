@@ -13,11 +13,13 @@ code that reads it back and `fit --overwrite` (which removes these and nothing e
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 
@@ -220,3 +222,40 @@ def read_metrics(path: Path) -> list[dict[str, float]]:
         return []
     with path.open(newline="") as f:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def best_row(rows: list[dict[str, float]]) -> dict[str, float]:
+    """The epoch with the highest val/acc, the first of equals (as ModelCheckpoint keeps it); {}
+    when no epoch was validated."""
+    validated = [row for row in rows if "val/acc" in row]
+    return max(validated, key=lambda row: row["val/acc"], default={})
+
+
+@functools.cache
+def provenance() -> dict[str, Any]:
+    """Versions and git commit, recorded in each run's config.yaml and checkpoints."""
+    import platform
+    import subprocess
+
+    import lightning
+    import torch
+
+    from fmnist_lightning import __version__
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "fmnist_lightning": __version__,
+        "torch": str(torch.__version__),
+        "lightning": str(lightning.__version__),
+        "python": platform.python_version(),
+        "git_commit": commit or None,
+    }

@@ -1,196 +1,455 @@
-"""From YAML files and command-line options to validated settings, and back to config.yaml.
+"""The settings of every command: small pydantic models in sections, composed into `Settings`.
 
-`resolve_settings` layers defaults, a config file and the options given; `validated` turns a
-pydantic error into the one line a user reads, naming the key, the rule (read from the field's
-bounds) and where the value came from. This module imports neither torch nor lightning.
+Settings flow one way: CLI options and YAML keys -> `Settings` -> the library. Each field carries
+its type, its constraints and its help text; the CLI builds its options from these fields, so a
+new setting is one line here and appears everywhere (YAML, CLI, `config.yaml` of every run), and
+is validated in one place. Defaults live here only: the library classes take the values they are
+given. `settings_io.py` layers the defaults, a YAML file and the options given, and words the errors.
+
+The fields are grouped in sections (`ModelSettings`, `OptimisationSettings`, `DataSettings`, ...),
+and each consumer takes only the sections it reads: the data module the data section, the
+LightningModule the model and optimisation sections, `hardware_for` the hardware section. The
+sections are a code structure only: YAML keys, options and `config.yaml` stay flat (`lr: 0.001`,
+`--lr`), because `Sectioned` builds itself from, and dumps itself to, one flat mapping.
+
+Validation is strict (a YAML `max_epochs: "5"` or `dropout: 1` is refused, not guessed at), with
+one exception: numbers written as text, because YAML 1.1 reads `1e-3` (no dot) as a string and the
+CLI passes `--limit-*` as text ("10" is a count of batches, "0.5" a fraction, as in Lightning).
+
+This module imports neither torch nor lightning: `fmnist --help` must stay fast.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
-from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from typing_extensions import Self
 
-from fmnist_lightning.config import Settings, StrictModel
-from fmnist_lightning.errors import UsageError
-
-PROVENANCE_KEY = "provenance"  # versions, git commit and resolved hardware, in each run's config.yaml
+MAX_SEED = 2**32 - 1
 
 
-# ---------------------------------------------------------------------------------------------
-# Errors as one line
+def number_from_text(value: Any) -> Any:
+    """'10' -> 10 and '1e-3' -> 0.001; anything else is left for the type check to judge."""
+    if isinstance(value, str):
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+    return value
 
 
-def _rule(info: Any, numeric: type) -> str | None:
-    """The constraint of a field in words ('at least 1', 'in [0, 1)'), from its Field bounds."""
-    bounds: dict[str, Any] = {}
-    for m in info.metadata:
-        for kind in (Ge, Gt, Le, Lt):
-            if isinstance(m, kind):
-                bounds[kind.__name__.lower()] = getattr(m, kind.__name__.lower())
-    lo, hi = bounds.get("ge"), bounds.get("lt", bounds.get("le"))
-    if "gt" in bounds and bounds["gt"] == 0 and hi is None:
-        return "a positive integer" if numeric is int else "a positive number"
-    if lo is not None and hi is None:
-        return f"at least {lo}" if numeric is int else f">= {lo}"
-    if lo is not None and "le" in bounds:
-        return f"in {lo}..{hi}" if numeric is int else f"in [{lo}, {hi}]"
-    if lo is not None and "lt" in bounds:
-        return f"in [{lo}, {hi})"
-    return None
+Number = BeforeValidator(number_from_text)
+Rate = Annotated[float, Number, Field(ge=0, lt=1)]
+# Lightning's meaning: an int is a count of batches, a float a fraction of them.
+BatchLimit = Annotated[int | float, Number]
 
 
-def _choices(annotation: Any) -> tuple[str, ...]:
-    """The allowed values of a Literal field, or of the items of a tuple of Literals."""
-    if get_origin(annotation) is Literal:
-        return get_args(annotation)
-    if get_origin(annotation) is tuple:
-        return _choices(get_args(annotation)[0])
-    return ()
+def _comma_list(value: Any) -> Any:
+    """'a,b' or ['a', 'b,c'] (an option given several times, or a YAML list) -> ('a', 'b', 'c')."""
+    if isinstance(value, str):
+        value = [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return tuple(part.strip() for v in value for part in v.split(",") if part.strip())
+    return value
 
 
-def _numeric_type(annotation: Any) -> type:
-    for kind in (int, float):
-        if annotation is kind or kind in get_args(annotation):
-            return kind
-    return str
+Logger = Literal["csv", "tensorboard", "mlflow"]
 
 
-def describe_error(model: type[BaseModel], error: Any) -> str:
-    """One pydantic error as the sentence a user reads: the key, what it must be, what it got."""
-    name = str(error["loc"][0]) if error["loc"] else "settings"
-    value, kind = error.get("input"), error["type"]
-    fields = model.model_fields
-    if kind == "extra_forbidden":
-        return f"unknown setting {name!r}; known settings: {', '.join(fields)}"
-    info = fields[name]
-    if kind == "value_error":
-        return f"{name} {error['ctx']['error']}"
-    choices = _choices(info.annotation)
-    if kind == "too_short":
-        return f"{name} names none; choose from {', '.join(choices)}"
-    if kind == "literal_error" or choices:
-        return f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}"
-    numeric = _numeric_type(info.annotation)
-    rule = _rule(info, numeric)
-    if kind.endswith(("_type", "_parsing")) or rule is None:
-        args = get_args(info.annotation)
-        if int in args and float in args:
-            wanted = "number"
-        else:
-            wanted = info.annotation.__name__ if isinstance(info.annotation, type) else numeric.__name__
-        return f"setting {name!r} must be of type {wanted}, got {value!r} ({type(value).__name__})"
-    return f"{name} must be {rule}, got {value!r}"
+class StrictModel(BaseModel):
+    """Unknown keys and wrong types are errors; a model is a value (frozen)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-def validated(model: type[StrictModel], values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Any:
-    """`model(**values)`, or a one-line UsageError naming the key, the rule and where the value came from."""
-    try:
-        return model.model_validate(dict(values))
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        key = str(error["loc"][0]) if error["loc"] else ""
-        message = describe_error(model, error)
-        source = (sources or {}).get(key)
-        if source and source.startswith("config file"):
-            message = f"{source}: {message}"
-        elif source:
-            message = f"{message} (from {source})"
-        raise UsageError(message) from None
+class Section(StrictModel):
+    """One group of settings. Its field names are the flat YAML keys and option names."""
 
 
-# ---------------------------------------------------------------------------------------------
-# YAML
+@dataclass(frozen=True)
+class FlatField:
+    """One setting as the CLI and YAML see it: its name, the model that declares it, its default."""
+
+    name: str
+    section: str | None  # None: a field of the composed model itself
+    info: FieldInfo
+    default: Any
 
 
-def load_yaml(path: Path) -> dict[str, Any]:
-    """Read a settings YAML file into a dict keyed by setting name (dashes become underscores)."""
-    import yaml
+class Sectioned(StrictModel):
+    """Settings composed of sections, built from and dumped to one flat mapping of setting names.
 
-    if not path.exists():
-        raise UsageError(f"config file {path} does not exist")
-    if path.is_dir():
-        raise UsageError(f"config file {path} is a folder; give a .yaml file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read config file {path}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where is not None else ""
-        raise UsageError(f"config file {path} is not valid YAML{line}: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        raise UsageError(f"config file {path} is empty; put settings in it, e.g. 'max_epochs: 5'")
-    if not isinstance(data, dict):
-        raise UsageError(f"config file {path} must be a mapping of setting: value, not a {type(data).__name__}")
-    # The provenance block is written by `fmnist fit` for the record; it is not a setting.
-    return {str(k).replace("-", "_"): v for k, v in data.items() if k != PROVENANCE_KEY}
+    `Settings(lr=0.01)`, `Settings.model_validate({"lr": 0.01, "seed": 1})` and a nested
+    `{"optimisation": {"lr": 0.01}}` all work; `flat()` gives the flat mapping back (config.yaml).
+    A section's default may differ from its class's own defaults (`BenchConfig` benchmarks
+    PyTorch's plain layout by default): `flat_fields` reports the composed model's defaults.
+    """
+
+    @classmethod
+    def sections(cls) -> dict[str, type[Section]]:
+        return {
+            name: info.annotation
+            for name, info in cls.model_fields.items()
+            if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
+        }
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, FlatField]:
+        """Every setting by its flat name, in declaration order."""
+        fields: dict[str, FlatField] = {}
+        for name, info in cls.model_fields.items():
+            section = cls.sections().get(name)
+            if section is None:
+                fields[name] = FlatField(name, None, info, info.default)
+                continue
+            defaults = info.get_default(call_default_factory=True)
+            for key, sub in section.model_fields.items():
+                fields[key] = FlatField(key, name, sub, getattr(defaults, key))
+        return fields
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, data: Any) -> Any:
+        """Flat keys -> their sections (on top of each section's defaults); unknown keys stay at
+        the top, where `extra="forbid"` reports them by name."""
+        if not isinstance(data, dict):
+            return data
+        data = cls._prepare(data)
+        owners = {name: f.section for name, f in cls.flat_fields().items() if f.section is not None}
+        nested: dict[str, Any] = {}
+        given: dict[str, dict[str, Any]] = {}
+        for key, value in data.items():
+            section = owners.get(key)
+            if section is None:
+                nested[key] = value
+            else:
+                given.setdefault(section, {})[key] = value
+        for section, values in given.items():
+            base = nested.get(section, cls.model_fields[section].get_default(call_default_factory=True))
+            if isinstance(base, BaseModel):
+                base = dict(base)
+            nested[section] = {**base, **values}
+        return nested
+
+    @classmethod
+    def _prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """A hook: the flat values before they are sorted into sections."""
+        return data
+
+    def flat(self, json: bool = False) -> dict[str, Any]:
+        """All settings as one flat mapping (as YAML and config.yaml hold them)."""
+        dump = self.model_dump(mode="json" if json else "python")
+        flat: dict[str, Any] = {}
+        for name, value in dump.items():
+            flat.update(value if name in self.sections() else {name: value})
+        return flat
+
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with these flat settings changed."""
+        return self.model_validate({**self.flat(), **changes})
 
 
-def option_name(name: str) -> str:
-    return "--" + name.replace("_", "-")
+class ModelSettings(Section):
+    """The network and how it runs: architecture, dropout, input standardisation, memory layout, compilation."""
+
+    network: Literal["convnet", "convnet-bn", "resnet"] = Field("convnet", description="Network architecture.")
+    dropout: bool = Field(True, description="Use dropout (the tutorial's fix for overfitting).")
+    dropout_conv: Rate = Field(0.25, description="Dropout rate after each conv/pool block.")
+    dropout_dense: Rate = Field(0.3, description="Dropout rate after the dense layer.")
+    standardize: bool = Field(False, description="Standardise images with the train split's mean and std.")
+    channels_last: bool = Field(True, description="channels_last memory layout: faster convolutions, same arithmetic.")
+    compile: bool = Field(False, description="Compile the network with torch.compile.")
 
 
-def from_options(model: type[StrictModel], given: Mapping[str, Any]) -> Any:
-    """A model from the command-line options that were given (the rest keep their defaults)."""
-    return validated(model, given, {name: option_name(name) for name in given})
+class OptimisationSettings(Section):
+    """The optimiser, its learning-rate schedule and batch size.
+
+    Defaults are the tutorial's: Adam, lr 1e-3, batch 128."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="Optimiser.")
+    lr: Annotated[float, Number] = Field(
+        1e-3, gt=0, allow_inf_nan=False, description="Learning rate (peak rate with --lr-schedule onecycle)."
+    )
+    weight_decay: Annotated[float, Number] = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Weight decay (decoupled for adamw)."
+    )
+    lr_schedule: Literal["none", "cosine", "onecycle"] = Field(
+        "cosine", description="Learning-rate schedule over all steps."
+    )
+    batch_size: int = Field(
+        128,
+        gt=0,
+        description="Images per optimiser step on each device. Under DDP the effective batch is "
+        "batch_size x devices x nodes; the learning rate is not rescaled for you.",
+    )
 
 
-def resolve_settings(config: Path | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Defaults, then the YAML file, then explicit overrides (the CLI options that were given)."""
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    if config is not None:
-        values = load_yaml(config)
-        sources = dict.fromkeys(values, f"config file {config}")
-    for name, value in (overrides or {}).items():
-        values[name] = value
-        sources[name] = option_name(name)
-    settings: Settings = validated(Settings, values, sources)
-    return settings
+class DataSettings(Section):
+    """Where the Fashion-MNIST files come from, and the validation split."""
+
+    data_dir: str = Field("data", description="Folder with the Fashion-MNIST IDX files (or where to download them).")
+    offline: bool = Field(False, description="Never download: use --data-dir or the system copy only.")
+    val_size: int = Field(
+        5000, ge=1, le=59999, description="Validation images: the first N of the official training file."
+    )
 
 
-def save_yaml(settings: Settings, path: Path, provenance: Mapping[str, Any] | None = None) -> None:
-    """Write the resolved settings (and where they ran: versions, git commit, hardware) as YAML."""
-    import yaml
+class AugmentationSettings(Section):
+    """What training batches are made of: augmentation on the device, and soft targets."""
 
-    data = settings.model_dump()
-    if provenance:
-        data[PROVENANCE_KEY] = dict(provenance)
-    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    augment: bool = Field(False, description="On-device augmentation: random translate +-2 px and horizontal flip.")
+    random_erasing: Annotated[float, Number] = Field(
+        0.0, ge=0, le=1, description="Probability of random erasing per training image."
+    )
+    label_smoothing: Rate = Field(0.0, description="Label smoothing applied to the one-hot targets.")
 
 
-@functools.cache
-def provenance() -> dict[str, Any]:
-    """Versions and git commit, recorded in each run's config.yaml and checkpoints."""
-    import platform
-    import subprocess
+class HardwareSettings(Section):
+    """Which devices, how many processes, and the numeric precision."""
 
-    import lightning
-    import torch
+    gpus: int | None = Field(None, ge=0, description="Shortcut: 0 = CPU, N = N GPUs (N > 1 uses DDP).")
+    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = Field("auto", description="Lightning accelerator.")
+    devices: Annotated[str, BeforeValidator(lambda v: str(v) if type(v) is int else v)] = Field(
+        "auto", description="Devices per node: a count, 'auto', or a list like '0,1'."
+    )
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = Field(
+        "auto", description="Distribution strategy (ddp for several devices)."
+    )
+    num_nodes: int = Field(
+        1, ge=1, description="Number of machines (torchrun or SLURM launches one process per device)."
+    )
+    precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = Field(
+        "auto",
+        description="Numeric precision. auto: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, "
+        "32-true on the CPU.",
+    )
 
-    from fmnist_lightning import __version__
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: str) -> str:
+        parts = [p.strip() for p in value.split(",")]
+        ids = [p for p in parts if p]
+        single = len(parts) == 1 and value.strip().isdigit() and int(value) >= 1
+        listed = len(parts) > 1 and bool(ids) and all(p.isdigit() for p in ids)
+        if value != "auto" and not (single or listed):
+            raise ValueError(f"must be 'auto', a count >= 1 or a list like '0,1', got {value!r}")
+        return value
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "fmnist_lightning": __version__,
-        "torch": str(torch.__version__),
-        "lightning": str(lightning.__version__),
-        "python": platform.python_version(),
-        "git_commit": commit or None,
-    }
+
+class EvaluationSettings(Section):
+    """How validation and test run: batch size, engine, test-time augmentation."""
+
+    eval_batch_size: int = Field(
+        250, gt=0, description="Batch size for validation and test (250 keeps a CPU's caches warm)."
+    )
+    eval_engine: Literal["torch", "onnxruntime"] = Field(
+        "torch",
+        description="What runs the network at test time: torch, or onnxruntime (CPU, fp32; faster on CPUs, the same "
+        "predictions up to float rounding; needs the 'export' extra).",
+    )
+    tta: bool = Field(
+        False,
+        description="Test-time augmentation: average each test image's prediction with its horizontal mirror's "
+        "(the mirror image is one of training's augmentations; evaluation takes twice as long).",
+    )
+
+
+class RunSettings(Section):
+    """How long and how reproducibly to train, what to check and save along the way."""
+
+    max_epochs: int = Field(12, ge=1, description="Number of training epochs.")
+    seed: int = Field(
+        42, ge=0, le=MAX_SEED, description="Random seed for weights, data order, dropout and augmentation."
+    )
+    deterministic: bool = Field(False, description="Use deterministic algorithms (bit-identical CPU reruns).")
+    progress: bool = Field(True, description="Show a progress bar.")
+    checkpoint_every_n_steps: int = Field(
+        200,
+        ge=0,
+        description="Also save checkpoints/last.ckpt every N optimiser steps (0: at epoch ends only), so a "
+        "killed process loses at most N steps; a restarted torchrun or requeued SLURM job resumes from it.",
+    )
+    limit_train_batches: BatchLimit = Field(
+        1.0, description="Lightning's meaning: a fraction (0.5) or a count (10) of batches."
+    )
+    limit_val_batches: BatchLimit = Field(
+        1.0, description="Lightning's meaning: a fraction (0.5) or a count (10) of batches."
+    )
+    val_check_interval: BatchLimit = Field(
+        1.0, description="Validate every this fraction of an epoch (0.5) or number of training batches (100)."
+    )
+    check_val_every_n_epoch: int = Field(1, ge=1, description="Validate after every N-th epoch only.")
+    fast_dev_run: bool = Field(
+        False, description="Smoke test: one batch of each split, no files kept (no run folder is left behind)."
+    )
+    overfit_batches: BatchLimit = Field(
+        0.0,
+        description="Sanity check: train on the same N batches every epoch, validate on N (a count, or a fraction; "
+        "0: off).",
+    )
+    profiler: Literal["none", "simple", "advanced", "pytorch"] = Field(
+        "none", description="Lightning profiler; its report goes into the run folder."
+    )
+
+    @field_validator("limit_train_batches", "limit_val_batches", "val_check_interval")
+    @classmethod
+    def _batch_limit(cls, value: int | float) -> int | float:
+        if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not (0 < value <= 1)):
+            raise ValueError(f"must be a fraction in (0, 1] or a count >= 1, got {value}")
+        return value
+
+    @field_validator("overfit_batches")
+    @classmethod
+    def _overfit(cls, value: int | float) -> int | float:
+        if value < 0 or (isinstance(value, float) and value > 1):
+            raise ValueError(f"must be 0 (off), a fraction in (0, 1] or a count >= 1, got {value}")
+        return value
+
+
+class ToolkitSettings(Section):
+    """Training tricks, each a Lightning callback or Trainer argument: early stopping, gradient
+    clipping and accumulation, weight averaging."""
+
+    early_stopping_patience: int = Field(
+        0, ge=0, description="Stop after this many validations without improvement (0: off). best.ckpt stays the best."
+    )
+    early_stopping_monitor: Literal["val/acc", "val/loss"] = Field(
+        "val/acc", description="Metric early stopping watches (val/acc must rise, val/loss must fall)."
+    )
+    early_stopping_min_delta: Annotated[float, Number] = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Smallest change of the monitored metric that counts as better."
+    )
+    gradient_clip_val: Annotated[float, Number] = Field(
+        0.0, ge=0, allow_inf_nan=False, description="Clip gradients at this value (0: off)."
+    )
+    gradient_clip_algorithm: Literal["norm", "value"] = Field(
+        "norm", description="norm: rescale the total gradient norm; value: clamp each gradient element."
+    )
+    accumulate_grad_batches: int = Field(
+        1, ge=1, description="Sum the gradients of N batches per optimiser step (effective batch x N)."
+    )
+    weight_averaging: Literal["none", "ema", "swa"] = Field(
+        "none",
+        description="Validate, checkpoint and use averaged weights: ema (exponential moving average) or swa "
+        "(equal average from --swa-start on).",
+    )
+    ema_decay: Annotated[float, Number] = Field(
+        0.999, gt=0, lt=1, description="EMA: weight of the previous average at each optimiser step."
+    )
+    swa_start: Annotated[float, Number] = Field(
+        0.75, ge=0, lt=1, description="SWA: fraction of the training steps after which weights are averaged."
+    )
+
+
+class TrackingSettings(Section):
+    """Where metrics go besides metrics.csv (which is always written)."""
+
+    logger: Annotated[tuple[Logger, ...], BeforeValidator(_comma_list)] = Field(
+        ("tensorboard",),
+        min_length=1,
+        description="Where metrics also go: csv (metrics.csv only), tensorboard (when installed), mlflow (needs "
+        "the 'tracking' extra). Repeat the option or give a comma list.",
+    )
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI, e.g. a server's http://host:5000. Default: sqlite mlflow.db in the run "
+        "folder's parent, artifacts in mlartifacts/ beside it.",
+    )
+    experiment: str = Field("fmnist", min_length=1, description="MLflow experiment name.")
+
+
+class EvaluationRun(Sectioned):
+    """What evaluating a checkpoint reads (`fmnist test`, `predict-samples`, `report`): the model's
+    own settings are in the checkpoint."""
+
+    hardware: HardwareSettings = HardwareSettings()
+    data: DataSettings = DataSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+
+
+class Settings(Sectioned):
+    """Everything that defines a training run. Field names of the sections are the YAML keys and CLI options."""
+
+    model: ModelSettings = ModelSettings()
+    optimisation: OptimisationSettings = OptimisationSettings()
+    data: DataSettings = DataSettings()
+    augmentation: AugmentationSettings = AugmentationSettings()
+    hardware: HardwareSettings = HardwareSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    run: RunSettings = RunSettings()
+    toolkit: ToolkitSettings = ToolkitSettings()
+    tracking: TrackingSettings = TrackingSettings()
+
+    def evaluation_run(self) -> EvaluationRun:
+        """The part of these settings that evaluating the trained model reads."""
+        return EvaluationRun(hardware=self.hardware, data=self.data, evaluation=self.evaluation)
+
+
+BenchPath = Literal["raw", "fmnist", "typical", "fmnist-fast"]
+TRAIN_IMAGES = 55000  # the training split: what one epoch of `bench --epochs` means
+
+
+class BenchConfig(Sectioned):
+    """What `fmnist bench` measures: the same network and batch size along several paths.
+
+    It embeds the sections a training run has, with two defaults of its own: PyTorch's plain
+    memory layout (the baseline every path shares; `--channels-last` measures the layout `fit`
+    uses) and evaluation batches of 1000. The network is the tutorial CNN without dropout.
+    """
+
+    hardware: HardwareSettings = HardwareSettings()
+    model: ModelSettings = ModelSettings(dropout=False, channels_last=False)
+    optimisation: OptimisationSettings = OptimisationSettings()
+    data: DataSettings = DataSettings(offline=True)
+    evaluation: EvaluationSettings = EvaluationSettings(eval_batch_size=1000)
+    quick: bool = Field(False, description="Default to 40 measured steps after 5: well under 3 minutes.")
+    steps: int = Field(400, gt=0, description="Measured training steps per path (40 with --quick).")
+    warmup_steps: int = Field(20, ge=0, description="Steps timed apart first (5 with --quick).")
+    epochs: Annotated[float, Number] = Field(
+        0.0, ge=0, description="Measure this many 55k epochs instead of --steps (0: use --steps)."
+    )
+    paths: Annotated[tuple[BenchPath, ...], BeforeValidator(_comma_list)] = Field(
+        ("raw", "fmnist", "typical"), min_length=1, description="Comma-separated: raw, fmnist, typical, fmnist-fast."
+    )
+    repeats: int = Field(
+        1,
+        ge=1,
+        description="Rounds over all paths, each in a rotated order; speeds and ratios are reported as "
+        "mean +- std over the rounds (ratios are taken within each round).",
+    )
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed of every path.")
+
+    @classmethod
+    def _prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """--quick changes the step defaults; --epochs sets the steps (numbers only: the type
+        checks that follow judge the rest)."""
+        data = dict(data)
+        if data.get("quick") is True:
+            data.setdefault("steps", 40)
+            data.setdefault("warmup_steps", 5)
+        defaults = cls.flat_fields()
+        epochs = number_from_text(data.get("epochs", 0))
+        batch = data.get("batch_size", defaults["batch_size"].default)
+        warmup = data.get("warmup_steps", defaults["warmup_steps"].default)
+        numbers = all(type(v) in (int, float) for v in (epochs, batch, warmup))
+        if numbers and epochs > 0 and batch > 0:
+            data["steps"] = max(1, round(epochs * TRAIN_IMAGES / batch) - warmup)
+        return data
+
+
+# The options of `fmnist bench`: its own fields, and what it takes of the sections it embeds (the
+# rest, a second process or another network, is not what it measures).
+BENCH_OPTIONS = (
+    "accelerator",
+    "precision",
+    "channels_last",
+    "compile",
+    "batch_size",
+    "eval_batch_size",
+    "data_dir",
+    *(name for name, field in BenchConfig.flat_fields().items() if field.section is None),
+)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fmnist_lightning.config import Settings, number_from_text
 from fmnist_lightning.errors import UsageError
-from fmnist_lightning.settings import validated
+from fmnist_lightning.settings import Settings, number_from_text
+from fmnist_lightning.settings_io import validated
 
 RANGE_KEYS = ("low", "high", "log")
 SCALARS = (bool, int, float, str, type(None))  # what Optuna can store as a categorical choice
@@ -68,7 +68,7 @@ def load_space(path: Path, base: Settings) -> tuple[Param, ...]:
 
 
 def _param(name: str, entry: Any, base: Settings) -> Param:
-    fields = Settings.model_fields
+    fields = Settings.flat_fields()
     if name not in fields:
         raise UsageError(f"unknown setting {name!r}; known settings: {', '.join(fields)}")
     if not isinstance(entry, dict) or not entry:
@@ -95,7 +95,7 @@ def _choices(name: str, entry: dict[str, Any], base: Settings) -> Param:
 
 
 def _range(name: str, entry: dict[str, Any], base: Settings) -> Param:
-    annotation = Settings.model_fields[name].annotation
+    annotation = Settings.flat_fields()[name].info.annotation
     kinds = typing.get_args(annotation) or (annotation,)
     if bool in kinds or not (int in kinds or float in kinds):
         kind = getattr(annotation, "__name__", str(annotation))
@@ -128,5 +128,4 @@ def _check_value(name: str, value: Any, base: Settings) -> None:
 
 def with_value(base: Settings, params: dict[str, Any]) -> Settings:
     """The base settings with these parameters set, validated."""
-    settings: Settings = validated(Settings, {**base.model_dump(), **params})
-    return settings
+    return validated(Settings, {**base.flat(), **params})

@@ -24,10 +24,10 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import is_global_zero
 from fmnist_lightning.runs import MLFLOW_RUN, TENSORBOARD_DIR
+from fmnist_lightning.settings import TrackingSettings
 
 TRACKING_EXTRA_HINT = "pip install 'fmnist-lightning[tracking]'"
 MLFLOW_DB = "mlflow.db"
@@ -44,68 +44,69 @@ def require_mlflow() -> None:
         raise UsageError(f"--logger mlflow needs the 'tracking' extra: {TRACKING_EXTRA_HINT}")
 
 
-def tracking_uri(s: Settings, store_dir: Path) -> str:
+def tracking_uri(t: TrackingSettings, store_dir: Path) -> str:
     """--tracking-uri, or the embedded SQLite store in `store_dir`."""
-    return s.tracking_uri or f"sqlite:///{(store_dir / MLFLOW_DB).resolve()}"
+    return t.tracking_uri or f"sqlite:///{(store_dir / MLFLOW_DB).resolve()}"
 
 
-def _artifact_location(s: Settings, store_dir: Path) -> str | None:
+def _artifact_location(t: TrackingSettings, store_dir: Path) -> str | None:
     # A server decides where artifacts go; the embedded store keeps them beside its database.
-    return None if s.tracking_uri else (store_dir / MLFLOW_ARTIFACTS).resolve().as_uri()
+    return None if t.tracking_uri else (store_dir / MLFLOW_ARTIFACTS).resolve().as_uri()
 
 
-def experiment_id(s: Settings, store_dir: Path) -> str:
-    """The id of `s.experiment` in the store, created if needed (tolerating a worker that creates
+def experiment_id(t: TrackingSettings, store_dir: Path) -> str:
+    """The id of `t.experiment` in the store, created if needed (tolerating a worker that creates
     it at the same moment)."""
     require_mlflow()
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(s, store_dir))
+    client = MlflowClient(tracking_uri(t, store_dir))
     for _ in range(2):
-        found = client.get_experiment_by_name(s.experiment)
+        found = client.get_experiment_by_name(t.experiment)
         if found is not None:
             return str(found.experiment_id)
         try:
-            return str(client.create_experiment(s.experiment, artifact_location=_artifact_location(s, store_dir)))
+            return str(client.create_experiment(t.experiment, artifact_location=_artifact_location(t, store_dir)))
         except MlflowException:
             continue  # created by another process in between: read it back
-    raise UsageError(f"cannot create MLflow experiment {s.experiment!r} at {tracking_uri(s, store_dir)}")
+    raise UsageError(f"cannot create MLflow experiment {t.experiment!r} at {tracking_uri(t, store_dir)}")
 
 
-def build_loggers(s: Settings, run_dir: Path) -> list[Any]:
-    """Lightning loggers for `s.logger` (an empty list: metrics.csv only)."""
+def build_loggers(t: TrackingSettings, run_dir: Path, params: dict[str, Any]) -> list[Any]:
+    """Lightning loggers for `t.logger` (an empty list: metrics.csv only); MLflow records `params`
+    (the run's settings)."""
     loggers: list[Any] = []
-    if "tensorboard" in s.logger:
+    if "tensorboard" in t.logger:
         try:
             from lightning.pytorch.loggers import TensorBoardLogger
 
             loggers.append(TensorBoardLogger(save_dir=str(run_dir), name=TENSORBOARD_DIR, version=""))
         except ModuleNotFoundError:
             pass  # tensorboard is optional: without it, the default logs metrics.csv only (as always)
-    if "mlflow" in s.logger:
-        loggers.append(_mlflow_logger(s, run_dir))
+    if "mlflow" in t.logger:
+        loggers.append(_mlflow_logger(t, run_dir, params))
     return loggers
 
 
-def _mlflow_logger(s: Settings, run_dir: Path) -> Any:
+def _mlflow_logger(t: TrackingSettings, run_dir: Path, params: dict[str, Any]) -> Any:
     from lightning.pytorch.loggers import MLFlowLogger
 
     store = run_dir.parent
-    uri = tracking_uri(s, store)
+    uri = tracking_uri(t, store)
     tags = {"fmnist.run_dir": str(run_dir)}
     if parent := _parent_run.get():
         tags[PARENT_RUN_TAG] = parent
     if not is_global_zero():  # Lightning's loggers write from rank 0 only
-        return MLFlowLogger(experiment_name=s.experiment, tracking_uri=uri)
-    experiment_id(s, store)
+        return MLFlowLogger(experiment_name=t.experiment, tracking_uri=uri)
+    experiment_id(t, store)
     saved = _saved_run(run_dir)
     resumed = saved["run_id"] if saved and saved["tracking_uri"] == uri else None
     logger = MLFlowLogger(
-        experiment_name=s.experiment, run_name=run_dir.name, tracking_uri=uri, tags=tags, run_id=resumed
+        experiment_name=t.experiment, run_name=run_dir.name, tracking_uri=uri, tags=tags, run_id=resumed
     )
     if resumed is None:  # MLflow refuses to change a param: a resumed run keeps the settings it started with
-        logger.log_hyperparams(s.model_dump())
+        logger.log_hyperparams(params)
     (run_dir / MLFLOW_RUN).write_text(json.dumps({"tracking_uri": uri, "run_id": logger.run_id}) + "\n")
     return logger
 
@@ -129,23 +130,23 @@ def log_run_files(run_dir: Path, files: Iterable[Path]) -> None:
 
 
 @contextmanager
-def parent_run(s: Settings, store_dir: Path, name: str, run_id: str | None = None) -> Iterator[str | None]:
+def parent_run(t: TrackingSettings, store_dir: Path, name: str, run_id: str | None = None) -> Iterator[str | None]:
     """While inside, new MLflow runs are children of the run `name` (`run_id` if it exists, else a
-    new one); yields its id, or None when `s.logger` has no mlflow."""
-    if "mlflow" not in s.logger:
+    new one); yields its id, or None when `t.logger` has no mlflow."""
+    if "mlflow" not in t.logger:
         yield None
         return
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(s, store_dir))
+    client = MlflowClient(tracking_uri(t, store_dir))
     if run_id is not None:
         try:
             client.get_run(run_id)
         except MlflowException:  # a run in another worker's embedded store: this store gets its own
             run_id = None
     if run_id is None:
-        run_id = client.create_run(experiment_id(s, store_dir), run_name=name).info.run_id
+        run_id = client.create_run(experiment_id(t, store_dir), run_name=name).info.run_id
     token = _parent_run.set(run_id)
     status = "KILLED"
     try:
@@ -157,12 +158,12 @@ def parent_run(s: Settings, store_dir: Path, name: str, run_id: str | None = Non
 
 
 def log_parent_results(
-    s: Settings, store_dir: Path, run_id: str, metrics: dict[str, float], files: Iterable[Path]
+    t: TrackingSettings, store_dir: Path, run_id: str, metrics: dict[str, float], files: Iterable[Path]
 ) -> None:
     """The study's summary on its parent run: the best value, and its table and plots as artifacts."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(s, store_dir))
+    client = MlflowClient(tracking_uri(t, store_dir))
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
     for path in files:

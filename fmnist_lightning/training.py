@@ -1,7 +1,7 @@
 """`fmnist fit` as a library call: the data module, model and Trainer built from settings, and `run_fit`.
 
 Read `run_fit` top to bottom: resolve the hardware, claim the run folder (rank 0 checks, locks and
-prepares it; the other ranks use it), seed, build, fit, and summarise from `metrics.csv`.
+prepares it; the other ranks use it), seed, build, fit, and summarise from the metrics callback's rows.
 """
 
 from __future__ import annotations
@@ -9,13 +9,11 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
 from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar
 
 from fmnist_lightning.callbacks import (
@@ -26,8 +24,7 @@ from fmnist_lightning.callbacks import (
     SeedRanks,
     StochasticWeightAverage,
 )
-from fmnist_lightning.checkpoints import AtomicCheckpointIO, checkpoint_epoch
-from fmnist_lightning.config import Settings
+from fmnist_lightning.checkpoints import checkpoint_epoch
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import (
@@ -47,41 +44,35 @@ from fmnist_lightning.runs import (
     LAST_CHECKPOINT,
     METRICS,
     PROFILE,
+    best_row,
     claimed_run_dir,
     newest_checkpoint,
     prepare_run_dir,
     profile_reports,
-    read_metrics,
     remove_run_files,
     remove_unstarted,
     run_lock,
 )
-from fmnist_lightning.settings import PROVENANCE_KEY, load_yaml, resolve_settings
+from fmnist_lightning.settings import Settings, ToolkitSettings
+from fmnist_lightning.settings_io import load_yaml, read_config
 from fmnist_lightning.tracking import build_loggers, log_run_files
+from fmnist_lightning.trainers import known_warnings_hidden, loop_options, make_trainer
 
 log = logging.getLogger(__name__)
 
 
+def build_datamodule(s: Settings) -> FashionMNISTDataModule:
+    return FashionMNISTDataModule.from_settings(
+        s.data, s.evaluation.eval_batch_size, s.optimisation.batch_size, s.augmentation, s.run.seed
+    )
+
+
 def build_model(s: Settings, datamodule: FashionMNISTDataModule) -> FashionClassifier:
-    mean, std = datamodule.train_stats() if s.standardize else (0.0, 1.0)
-    model = FashionClassifier.from_settings(s, input_mean=mean, input_std=std)
-    if s.compile:
+    mean, std = datamodule.train_stats() if s.model.standardize else (0.0, 1.0)
+    model = FashionClassifier.from_settings(s.model, s.optimisation, input_mean=mean, input_std=std)
+    if s.model.compile:
         model.net.compile()  # in place: state_dict keys stay the same as without compile
     return model
-
-
-def trainer_options(s: Settings, run_dir: Path) -> dict[str, Any]:
-    """The Trainer arguments that settings map onto one to one."""
-    return dict(
-        gradient_clip_val=s.gradient_clip_val or None,  # 0 means off, which Lightning spells None
-        gradient_clip_algorithm=s.gradient_clip_algorithm,
-        accumulate_grad_batches=s.accumulate_grad_batches,
-        val_check_interval=s.val_check_interval,
-        check_val_every_n_epoch=s.check_val_every_n_epoch,
-        fast_dev_run=s.fast_dev_run,
-        overfit_batches=s.overfit_batches,
-        profiler=_profiler(s.profiler, run_dir),
-    )
 
 
 def _profiler(kind: str, run_dir: Path) -> object:
@@ -96,39 +87,37 @@ def _profiler(kind: str, run_dir: Path) -> object:
     return classes[kind](dirpath=run_dir, filename=PROFILE) if kind in classes else None
 
 
-def training_callbacks(s: Settings, run_dir: Path) -> list[Callback]:
-    """The callbacks that settings switch on: weight averaging, early stopping, and the loss guard."""
+def training_callbacks(t: ToolkitSettings, run_dir: Path) -> list[Callback]:
+    """The callbacks that the toolkit switches on: weight averaging, early stopping, and the loss guard."""
     callbacks: list[Callback] = []
     # Before the checkpoint callback (Lightning moves ModelCheckpoint last anyway): validation and
     # every checkpoint then see the averaged weights.
-    if s.weight_averaging == "ema":
-        callbacks.append(EMAWeightAveraging(decay=s.ema_decay))
-    elif s.weight_averaging == "swa":
-        callbacks.append(StochasticWeightAverage(s.swa_start))
-    if s.early_stopping_patience:
+    if t.weight_averaging == "ema":
+        callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
+    elif t.weight_averaging == "swa":
+        callbacks.append(StochasticWeightAverage(t.swa_start))
+    if t.early_stopping_patience:
         callbacks.append(
             EarlyStopping(
-                monitor=s.early_stopping_monitor,
-                mode="max" if s.early_stopping_monitor == "val/acc" else "min",
-                patience=s.early_stopping_patience,
-                min_delta=s.early_stopping_min_delta,
+                monitor=t.early_stopping_monitor,
+                mode="max" if t.early_stopping_monitor == "val/acc" else "min",
+                patience=t.early_stopping_patience,
+                min_delta=t.early_stopping_min_delta,
             )
         )
     callbacks.append(FiniteLossGuard(run_dir / LAST_CHECKPOINT))
     return callbacks
 
 
-def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: list[Callback] | None = None) -> L.Trainer:
-    # We log per epoch only, so Lightning's hint about short epochs vs. log_every_n_steps is noise.
-    warnings.filterwarnings("ignore", message="The number of training batches .* is smaller than the logging interval")
-    # Our data module restores the position inside the epoch itself (see its state_dict).
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
-    # The validation metrics are computed from states torchmetrics sums over all ranks: every rank
-    # logs the same global value, so Lightning's advice to add sync_dist does not apply.
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
-    # Under --overfit-batches the data module itself stops shuffling (Lightning cannot, for a loader
-    # that is not a DataLoader; evaluation never shuffles), so Lightning's warning is wrong.
-    warnings.filterwarnings("ignore", message="You requested to overfit but enabled")
+def build_trainer(
+    s: Settings,
+    hw: Hardware,
+    run_dir: Path,
+    extra_callbacks: list[Callback] | None = None,
+    **overrides: Any,
+) -> L.Trainer:
+    """The Trainer of `fmnist fit`: the settings' loop options and the callbacks that write the run
+    folder. `overrides` replace Trainer arguments (the benchmark turns validation off)."""
     checkpoint = ModelCheckpoint(
         dirpath=run_dir / CHECKPOINT_DIR,
         filename=Path(BEST_CHECKPOINT).stem,  # save_last adds last.ckpt beside it
@@ -140,48 +129,40 @@ def build_trainer(s: Settings, hw: Hardware, run_dir: Path, extra_callbacks: lis
         enable_version_counter=False,
     )
     callbacks: list[Callback] = [
-        SeedRanks(s.seed),
+        SeedRanks(s.run.seed),
         checkpoint,
-        *_periodic_last(s, run_dir),
+        *_periodic_last(s.run.checkpoint_every_n_steps, run_dir),
         SaveConfig(run_dir / CONFIG, s),
         EpochMetricsCSV(run_dir / METRICS),
         # Before GracefulInterrupt: a step's update of the averaged weights must be in the
         # checkpoint that a signal saves at the end of that step.
-        *training_callbacks(s, run_dir),
+        *training_callbacks(s.toolkit, run_dir),
         GracefulInterrupt(run_dir / LAST_CHECKPOINT),
     ]
-    if s.progress:
+    if s.run.progress:
         callbacks.append(RichProgressBar(refresh_rate=10, leave=True))
     callbacks += extra_callbacks or []
-    return L.Trainer(
-        **hw.trainer_kwargs(),
-        max_epochs=s.max_epochs,
-        deterministic=s.deterministic,
-        limit_train_batches=s.limit_train_batches,
-        limit_val_batches=s.limit_val_batches,
-        callbacks=callbacks,
-        logger=build_loggers(s, run_dir),
-        default_root_dir=str(run_dir),
-        enable_progress_bar=s.progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        plugins=[AtomicCheckpointIO()],
-        use_distributed_sampler=False,  # our batches are sharded by the data module itself
-        **trainer_options(s, run_dir),
-    )
+    options = {
+        **loop_options(s.run, s.toolkit),
+        "callbacks": callbacks,
+        "logger": build_loggers(s.tracking, run_dir, s.flat()),
+        "default_root_dir": str(run_dir),
+        "profiler": _profiler(s.run.profiler, run_dir),
+    }
+    return make_trainer(hw, progress=s.run.progress, **{**options, **overrides})
 
 
-def _periodic_last(s: Settings, run_dir: Path) -> list[Callback]:
-    """Lightning's ModelCheckpoint saving only last.ckpt, every `checkpoint_every_n_steps` steps
-    (mid-epoch checkpoints resume exactly: the data module records the position in the epoch)."""
-    if not s.checkpoint_every_n_steps:
+def _periodic_last(every_n_steps: int, run_dir: Path) -> list[Callback]:
+    """Lightning's ModelCheckpoint saving only last.ckpt, every `every_n_steps` steps (mid-epoch
+    checkpoints resume exactly: the data module records the position in the epoch)."""
+    if not every_n_steps:
         return []
     return [
         ModelCheckpoint(
             dirpath=run_dir / CHECKPOINT_DIR,
             save_top_k=0,
             save_last=True,
-            every_n_train_steps=s.checkpoint_every_n_steps,
+            every_n_train_steps=every_n_steps,
             save_on_train_epoch_end=False,
             enable_version_counter=False,
         )
@@ -203,13 +184,7 @@ class FitResult:
     stopped_early_after: int | None = None  # epochs, when early stopping ended the run
     profiles: tuple[Path, ...] = ()  # the profiler's reports
     fast_dev_run: bool = False  # a smoke test: nothing was kept
-
-
-def fit_settings(config: Path | None, overrides: dict[str, object], out: Path | None, resume: bool) -> Settings:
-    """Settings for `fit`: on --resume the run's own config.yaml is the base, unless --config is given."""
-    if resume and config is None and out is not None and (out / CONFIG).is_file():
-        config = out / CONFIG
-    return resolve_settings(config, overrides)
+    history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv's rows (rank 0)
 
 
 def run_fit(
@@ -221,8 +196,8 @@ def run_fit(
 ) -> FitResult:
     """Train as `fmnist fit` does and return where everything went. `extra_callbacks` are added
     to the Trainer (for library users and tests that want to observe training)."""
-    hw = hardware_for(s)
-    if s.fast_dev_run:
+    hw = hardware_for(s.hardware)
+    if s.run.fast_dev_run:
         if out is not None or resume or overwrite:
             raise UsageError("--fast-dev-run keeps no files; drop --out, --resume and --overwrite")
         # Lightning's fast_dev_run writes no checkpoints or logs, but our callbacks write files:
@@ -272,8 +247,8 @@ def restarted_by_launcher(run_dir: Path) -> bool:
     if agent is None or not (run_dir / CONFIG).is_file():
         return False
     try:
-        recorded = yaml.safe_load((run_dir / CONFIG).read_text())[PROVENANCE_KEY]["torchrun_agents"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        recorded = read_config(run_dir / CONFIG)[1].get("torchrun_agents") or []
+    except UsageError:
         return False
     return agent in recorded
 
@@ -281,13 +256,14 @@ def restarted_by_launcher(run_dir: Path) -> bool:
 def _check_resumable(s: Settings, run_dir: Path) -> None:
     last = run_dir / LAST_CHECKPOINT
     done = checkpoint_epoch(last)
-    if s.max_epochs < done:
-        raise UsageError(f"--max-epochs {s.max_epochs} is below the {done} epochs {last} already trained")
+    max_epochs, schedule = s.run.max_epochs, s.optimisation.lr_schedule
+    if max_epochs < done:
+        raise UsageError(f"--max-epochs {max_epochs} is below the {done} epochs {last} already trained")
     saved = run_dir / CONFIG
     planned = load_yaml(saved).get("max_epochs") if saved.is_file() else None
-    if s.lr_schedule != "none" and planned is not None and planned != s.max_epochs:
+    if schedule != "none" and planned is not None and planned != max_epochs:
         raise UsageError(
-            f"this run's {s.lr_schedule} learning-rate schedule is sized for {planned} epochs; resume it with "
+            f"this run's {schedule} learning-rate schedule is sized for {planned} epochs; resume it with "
             f"--max-epochs {planned}, or start a new run to train longer"
         )
 
@@ -295,25 +271,26 @@ def _check_resumable(s: Settings, run_dir: Path) -> None:
 def _train(
     s: Settings, hw: Hardware, run_dir: Path, ckpt_path: Path | None, extra_callbacks: list[Callback] | None
 ) -> FitResult:
-    L.seed_everything(s.seed, workers=False, verbose=False)  # the same initial weights on every rank
-    datamodule = FashionMNISTDataModule.from_settings(s)
+    L.seed_everything(s.run.seed, workers=False, verbose=False)  # the same initial weights on every rank
+    datamodule = build_datamodule(s)
     model = build_model(s, datamodule)
     trainer = build_trainer(s, hw, run_dir, extra_callbacks)
     start = time.perf_counter()
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        with known_warnings_hidden():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+            if s.run.fast_dev_run:  # one batch of the test split too
+                trainer.test(model, datamodule=datamodule, verbose=False)
     except ValueError as exc:
         if "`val_check_interval`" not in str(exc):  # Lightning can only check this once it has the data
             raise
         raise UsageError(
-            f"--val-check-interval {s.val_check_interval} is more batches than an epoch has; give a fraction "
+            f"--val-check-interval {s.run.val_check_interval} is more batches than an epoch has; give a fraction "
             "(0.5) or a smaller count"
         ) from None
-    if s.fast_dev_run:  # one batch of the test split too
-        trainer.test(model, datamodule=datamodule, verbose=False)
     wall = time.perf_counter() - start
-    rows = read_metrics(run_dir / METRICS) if trainer.is_global_zero else []
-    best = max(rows, key=lambda r: r.get("val/acc", -1.0), default={})
+    rows = next(c for c in trainer.callbacks if isinstance(c, EpochMetricsCSV)).rows  # type: ignore[attr-defined]
+    best = best_row(rows)
     speeds = [r["images_per_s"] for r in rows if "images_per_s" in r]
     gpu = [r["gpu_peak_mb"] for r in rows if "gpu_peak_mb" in r]
     if trainer.is_global_zero and rows:
@@ -334,7 +311,8 @@ def _train(
         is_global_zero=trainer.is_global_zero,
         stopped_early_after=_stopped_early_after(trainer),
         profiles=profile_reports(run_dir),
-        fast_dev_run=s.fast_dev_run,
+        fast_dev_run=s.run.fast_dev_run,
+        history=rows,
     )
 
 

@@ -32,9 +32,9 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import hardware_for
+from fmnist_lightning.settings import Settings
 from fmnist_lightning.space import Param, with_value
 from fmnist_lightning.tracking import log_parent_results, parent_run
 from fmnist_lightning.training import FitResult, run_fit
@@ -111,7 +111,7 @@ def require_optuna() -> None:
 
 def check_single_process(base: Settings) -> None:
     """A trial runs in this process: DDP inside a trial is refused (run several workers instead)."""
-    hw = hardware_for(base)
+    hw = hardware_for(base.hardware)
     n = len(hw.devices) if isinstance(hw.devices, list) else hw.devices
     if n * hw.num_nodes > 1:
         raise UsageError(
@@ -246,14 +246,14 @@ def run_tune(
 
     study_dir.mkdir(parents=True, exist_ok=True)
     optuna.logging.get_logger("optuna").setLevel(logging.INFO)
-    study = open_study(study_dir, storage, study_name, base.seed)
-    objective = Objective(base, space, study_dir, base.seed, trials)
+    study = open_study(study_dir, storage, study_name, base.run.seed)
+    objective = Objective(base, space, study_dir, base.run.seed, trials)
 
     def stop_when_full(study: Any, trial: Any) -> None:
         if objective.interrupted is not None or taken(study) >= trials:
             study.stop()
 
-    with parent_run(base, study_dir, study.study_name, study.user_attrs.get("mlflow_parent_run")) as parent:
+    with parent_run(base.tracking, study_dir, study.study_name, study.user_attrs.get("mlflow_parent_run")) as parent:
         if parent is not None and "mlflow_parent_run" not in study.user_attrs:
             study.set_user_attr("mlflow_parent_run", parent)  # for the workers that join (same store)
         if (todo := trials - taken(study)) > 0:
@@ -261,7 +261,7 @@ def run_tune(
         result = summarise(study, base, study_dir)
         if parent is not None and result.best is not None:
             files = [study_dir / TRIALS_CSV, *result.plots, *([result.best_yaml] if result.best_yaml else [])]
-            log_parent_results(base, study_dir, parent, {f"best_{MONITOR}": result.best.val_acc or 0.0}, files)
+            log_parent_results(base.tracking, study_dir, parent, {f"best_{MONITOR}": result.best.val_acc or 0.0}, files)
     if objective.interrupted is not None:
         raise TrainingInterrupted(
             f"stopped trial {objective.interrupted}, recorded as pruned; run the same command again to continue "
@@ -328,7 +328,7 @@ def write_best_yaml(s: Settings, best: TrialRow, path: Path) -> None:
         f"# Best trial of the study: trial {best.number} (best {MONITOR} {best.val_acc:.4f}), tuned: {tuned}.\n"
         f"# Reproduce it: fmnist fit --config {path}; train longer with --max-epochs, --limit-train-batches 1.0.\n"
     )
-    path.write_text(header + yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    path.write_text(header + yaml.safe_dump(s.flat(json=True), sort_keys=False), encoding="utf-8")
 
 
 def write_plots(study: Any, study_dir: Path) -> list[Path]:

@@ -332,7 +332,7 @@ else
 fi
 
 # The benchmark reads the data offline already; it takes only --data-dir.
-BENCH=("$PYTHON" scripts/benchmark.py --device cuda --precision bf16-mixed --channels-last --steps 200
+BENCH=("$PYTHON" scripts/benchmark.py --accelerator gpu --precision bf16-mixed --channels-last --steps 200
   --data-dir "$DATA_DIR")
 for batch in 128 512; do
   run_step "bench-b$batch" 150 "${BENCH[@]}" --paths raw,fmnist,typical,fmnist-fast --batch-size "$batch" \

@@ -17,11 +17,11 @@ import torch
 import typer
 
 from fmnist_lightning.checkpoints import load_classifier
-from fmnist_lightning.config import Settings
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import FmnistError
 from fmnist_lightning.model import flip_averaged_logits
 from fmnist_lightning.runs import BEST_CHECKPOINT
+from fmnist_lightning.settings import DataSettings, EvaluationSettings
 
 
 def validation_accuracy(run: Path, datamodule: FashionMNISTDataModule) -> dict[str, float]:
@@ -43,7 +43,9 @@ def main(
     ] = None,
 ) -> None:
     try:
-        datamodule = FashionMNISTDataModule.from_settings(Settings(data_dir=data_dir, offline=True))
+        datamodule = FashionMNISTDataModule.from_settings(
+            DataSettings(data_dir=data_dir, offline=True), EvaluationSettings().eval_batch_size
+        )
         datamodule.setup()
         results = {str(run): validation_accuracy(run, datamodule) for run in runs}
     except FmnistError as exc:  # a missing run or data: one line, as the fmnist commands say it

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_lightning.config import Settings
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import DataError
+from fmnist_lightning.settings import Settings
 from fmnist_lightning.sources import SYSTEM_DATA_DIR, locate
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -39,7 +39,9 @@ def real_data() -> None:
 
 @pytest.fixture(scope="session")
 def datamodule(real_data: None) -> FashionMNISTDataModule:
-    dm = FashionMNISTDataModule.from_settings(Settings(offline=True))
+    from fmnist_lightning.training import build_datamodule
+
+    dm = build_datamodule(Settings(offline=True))  # as `fit` builds it, with the training batch size
     dm.setup()
     return dm
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fmnist_lightning.config import Settings
+from fmnist_lightning.settings import Settings
 
 
 def is_png(path: Path) -> bool:
@@ -25,7 +25,8 @@ def classifier(input_mean: float = 0.0, input_std: float = 1.0, **settings: Any)
     """A FashionClassifier built as `fmnist fit` builds it, from settings (defaults unless given)."""
     from fmnist_lightning.model import FashionClassifier
 
-    return FashionClassifier.from_settings(Settings(**settings), input_mean, input_std)
+    s = Settings(**settings)
+    return FashionClassifier.from_settings(s.model, s.optimisation, input_mean, input_std)
 
 
 # The tests that run the real launchers (torchrun, SLURM) in subprocesses.

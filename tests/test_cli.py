@@ -75,19 +75,19 @@ def test_config_file_then_options(real_data: None, cli, tmp_path: Path) -> None:
 
 
 def test_shipped_configs_are_valid() -> None:
-    from fmnist_lightning.settings import resolve_settings
+    from fmnist_lightning.settings_io import resolve_settings
 
     configs = sorted(Path("configs").glob("*.yaml"))
     assert {"default.yaml", "tutorial.yaml", "tutorial-dropout.yaml"} <= {p.name for p in configs}
-    tutorial = resolve_settings(Path("configs/tutorial.yaml"))
-    assert (tutorial.dropout, tutorial.lr, tutorial.batch_size, tutorial.max_epochs, tutorial.optimizer) == (
+    tutorial = resolve_settings(Path("configs/tutorial.yaml")).flat()
+    assert [tutorial[k] for k in ("dropout", "lr", "batch_size", "max_epochs", "optimizer")] == [
         False,
         1e-3,
         128,
         200,
         "adam",
-    )
-    assert resolve_settings(Path("configs/tutorial-dropout.yaml")).dropout is True
+    ]
+    assert resolve_settings(Path("configs/tutorial-dropout.yaml")).model.dropout is True
     for path in configs:
         resolve_settings(path)
 
@@ -161,3 +161,53 @@ def test_intended_use_lines_run_in_order(real_data: None, cli, tmp_path: Path, m
     assert code == 0, err
     assert "using runs/001/checkpoints/best.ckpt (the newest run's best checkpoint" in stdout
     assert is_png(tmp_path / "runs" / "001" / "correct.png") and is_png(tmp_path / "runs" / "001" / "incorrect.png")
+
+
+def test_a_mistyped_setting_is_one_line_before_torch_is_imported(tmp_path: Path) -> None:
+    """Every command validates its settings first: a bad value costs a fraction of a second (one
+    line, exit 2), not an import of torch and Lightning."""
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {low: 1e-4, high: 1e-2}\n")
+    bad = {
+        "fit": ["--max-epochs", "-1"],
+        "lr-find": ["--max-epochs", "-1"],
+        "compare": ["--max-epochs", "-1"],
+        "tune": ["--space", str(space), "--max-epochs", "-1"],
+        "test": ["--ckpt", "x.ckpt", "--eval-batch-size", "0"],
+        "predict-samples": ["--ckpt", "x.ckpt", "--eval-batch-size", "0"],
+        "report": [str(tmp_path), "--eval-batch-size", "0"],
+        "predict": ["--ckpt", "x.ckpt", "--eval-batch-size", "0", "x.png"],
+        "export": ["--ckpt", "x.ckpt", "--format", "onnx", "--val-size", "0"],
+        "data": ["--val-size", "0"],
+        "bench": ["--steps", "0"],
+    }
+    code = (
+        "import json, sys\n"
+        "from fmnist_lightning.cli import main\n"
+        "seen = {}\n"
+        "for command, args in json.loads(sys.argv[1]).items():\n"
+        "    try:\n"
+        "        main([command, *args])\n"
+        "    except SystemExit as exc:\n"
+        "        seen[command] = [exc.code, 'torch' in sys.modules or 'lightning' in sys.modules]\n"
+        "print(json.dumps(seen))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(bad)], capture_output=True, text=True, cwd=tmp_path, timeout=60
+    )
+    seen = json.loads(result.stdout.splitlines()[-1])
+    assert seen == {command: [2, False] for command in bad}, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == len(bad) and all(line.startswith("error: ") for line in errors), result.stderr
+
+
+def test_debug_shows_lightnings_messages_once(real_data: None, tmp_path: Path) -> None:
+    """Lightning's package logger has a console handler of its own; with --debug its messages
+    must still be printed once, by ours. Without --debug they are hidden."""
+    fit = [sys.executable, "-m", "fmnist_lightning"]
+    args = ["fit", "--fast-dev-run", *TINY, "--logger", "csv"]
+    debug = subprocess.run([*fit, "--debug", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert debug.returncode == 0, debug.stderr
+    assert debug.stderr.count("GPU available:") == 1, debug.stderr
+    quiet = subprocess.run([*fit, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert quiet.returncode == 0 and "GPU available:" not in quiet.stderr, quiet.stderr

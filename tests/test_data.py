@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fmnist_lightning.config import Settings
 from fmnist_lightning.data import NUM_CLASSES, Augment, FashionMNISTDataModule, TensorBatches
 from fmnist_lightning.errors import DataError
+from fmnist_lightning.settings import DataSettings
 from fmnist_lightning.sources import FILES, SYSTEM_DATA_DIR, load_fashion_mnist, locate
 from tests.helpers import is_png
 
@@ -41,7 +41,7 @@ def test_test_set_has_1000_per_class(datamodule: FashionMNISTDataModule) -> None
 
 
 def test_val_size_keeps_first_n_convention(real_data: None) -> None:
-    dm = FashionMNISTDataModule.from_settings(Settings(offline=True, val_size=1000))
+    dm = FashionMNISTDataModule.from_settings(DataSettings(offline=True, val_size=1000), eval_batch_size=250)
     dm.setup()
     assert len(dm.split("val")[0]) == 1000 and len(dm.split("train")[0]) == 59000
     assert torch.equal(dm.split("train")[0][0], official_train_image(1000))

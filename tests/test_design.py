@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_lightning.config import BenchConfig, Settings
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import is_global_zero
-from fmnist_lightning.settings import resolve_settings
+from fmnist_lightning.settings import BenchConfig, EvaluationRun, Section, Settings
+from fmnist_lightning.settings_io import resolve_settings
 
 PACKAGE = Path(__file__).parent.parent / "fmnist_lightning"
 
@@ -47,7 +47,7 @@ def test_no_import_cycles() -> None:
 
     for module in sorted(graph):
         visit(module)
-    assert order.index("config") < order.index("training") < order.index("cli")
+    assert order.index("settings") < order.index("trainers") < order.index("training") < order.index("cli")
 
 
 def test_rendering_a_report_imports_neither_torch_nor_lightning(tmp_path: Path) -> None:
@@ -89,21 +89,86 @@ def test_settings_name_the_key_the_rule_and_where_the_value_came_from(tmp_path: 
     with pytest.raises(UsageError, match=rf"^config file {config}: max_epochs must be at least 1, got 0$"):
         resolve_settings(config)
     s = resolve_settings(config, {"max_epochs": 3, "limit_train_batches": "10", "limit_val_batches": "0.5"})
-    assert (s.max_epochs, s.lr, s.limit_train_batches, s.limit_val_batches) == (3, 0.001, 10, 0.5)
+    limits = (s.run.limit_train_batches, s.run.limit_val_batches)
+    assert (s.run.max_epochs, s.optimisation.lr, *limits) == (3, 0.001, 10, 0.5)
     with pytest.raises(UsageError, match=r"^dropout_conv must be in \[0, 1\), got 1.5 \(from --dropout-conv\)$"):
         resolve_settings(config, {"max_epochs": 3, "dropout_conv": 1.5})
     with pytest.raises(UsageError, match="setting 'dropout' must be of type bool, got 'yes'"):
         resolve_settings(None, {"dropout": "yes"})  # strict: no guessing at booleans
     with pytest.raises(UsageError, match="devices must be 'auto', a count >= 1 or a list"):
         resolve_settings(None, {"devices": "0"})
-    assert resolve_settings(None, {"devices": 2}).devices == "2"  # YAML `devices: 2`
+    assert resolve_settings(None, {"devices": 2}).hardware.devices == "2"  # YAML `devices: 2`
 
 
 def test_settings_are_frozen_values_with_one_set_of_defaults() -> None:
     s = Settings()
     with pytest.raises(ValueError):
-        s.lr = 1.0  # type: ignore[misc]
-    assert s.model_copy(update={"lr": 0.5}).lr == 0.5 and s.lr == 1e-3
+        s.optimisation.lr = 1.0  # type: ignore[misc]
+    assert s.replace(lr=0.5).optimisation.lr == 0.5 and s.optimisation.lr == 1e-3
+
+
+def test_settings_are_sections_with_flat_unique_names() -> None:
+    """51 settings in sections; each name belongs to one section and is no section's name, so flat
+    YAML keys and options sort into sections unambiguously."""
+    sections = Settings.sections()
+    names = [name for section in sections.values() for name in section.model_fields]
+    assert len(names) == len(set(names)) == 51
+    assert not set(names) & set(sections)
+    assert list(Settings.flat_fields()) == names and all(issubclass(s, Section) for s in sections.values())
+    # Evaluating a checkpoint validates only what it reads: its sections are the training run's own.
+    assert EvaluationRun.sections() == {k: sections[k] for k in ("hardware", "data", "evaluation")}
+
+
+def test_every_shipped_config_and_a_saved_config_yaml_load_flat(tmp_path: Path) -> None:
+    from fmnist_lightning.settings_io import save_yaml
+
+    configs = sorted(Path("configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for config in configs:
+        s = resolve_settings(config)
+        saved = tmp_path / f"{config.stem}.yaml"
+        save_yaml(s, saved, {"torch": "x"})  # as fit writes config.yaml: flat keys, provenance beside them
+        assert "lr:" in saved.read_text() and "optimisation" not in saved.read_text()
+        assert resolve_settings(saved) == s, config
+    assert resolve_settings(Path("configs/tutorial.yaml")).model.dropout is False
+
+
+def test_each_consumer_takes_only_its_sections() -> None:
+    """Read from the signatures: the data module takes the data section, the LightningModule the
+    model and optimisation sections, hardware resolution the hardware section, evaluation the
+    evaluation run (hardware, data, evaluation), and MLflow the tracking section; none takes the
+    whole `Settings`."""
+    from fmnist_lightning import data, evaluation, hardware, inference, model, tracking
+
+    def takes(fn: object) -> set[str]:  # the annotations as written (the modules postpone them)
+        return {str(v) for k, v in fn.__annotations__.items() if k != "return"}  # type: ignore[attr-defined]
+
+    consumers = {
+        data.FashionMNISTDataModule.from_settings: "DataSettings",
+        model.FashionClassifier.from_settings: "ModelSettings",
+        hardware.hardware_for: "HardwareSettings",
+        evaluation.evaluate: "EvaluationRun",
+        evaluation.run_test: "EvaluationRun",
+        evaluation.predict_samples: "EvaluationRun",
+        evaluation.make_report: "EvaluationRun",
+        evaluation.analyse_data: "DataSettings",
+        inference.export_checkpoint: "DataSettings",
+        inference.classify: "HardwareSettings",
+        tracking.build_loggers: "TrackingSettings",
+    }
+    for fn, section in consumers.items():
+        assert section in takes(fn) and "Settings" not in takes(fn), (fn, takes(fn))
+    assert "OptimisationSettings" in takes(model.FashionClassifier.from_settings)
+
+
+def test_bench_config_embeds_the_sections_instead_of_redeclaring_them() -> None:
+    own = {name for name, field in BenchConfig.flat_fields().items() if field.section is None}
+    # seed stays its own: the benchmark's paths all start from seed 0, a training run from 42.
+    assert own & set(Settings.flat_fields()) == {"seed"}
+    b = BenchConfig(precision="bf16-mixed", batch_size=64)
+    assert (b.hardware.precision, b.optimisation.batch_size) == ("bf16-mixed", 64)
+    # Its own defaults: PyTorch's plain layout and batches of 1000 for evaluation.
+    assert (b.model.channels_last, b.evaluation.eval_batch_size, b.model.dropout) == (False, 1000, False)
 
 
 def test_bench_config_quick_and_epochs_set_the_steps() -> None:

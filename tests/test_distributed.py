@@ -13,7 +13,7 @@ RECORDING_SCRIPT = """
 import json, sys
 from pathlib import Path
 from lightning.pytorch.callbacks import Callback
-from fmnist_lightning.config import Settings
+from fmnist_lightning.settings import Settings
 from fmnist_lightning.training import run_fit
 
 class RecordSamples(Callback):

@@ -137,7 +137,7 @@ def test_dry_run_prints_every_step_with_its_interpreter_and_creates_nothing(
     for batch in ("128", "512"):
         bench = _plan_line(result.stdout, f"bench-b{batch}")
         assert f"--batch-size {batch}" in bench and "--paths raw,fmnist,typical,fmnist-fast" in bench
-        assert "--device cuda --precision bf16-mixed --channels-last --steps 200" in bench
+        assert "--accelerator gpu --precision bf16-mixed --channels-last --steps 200" in bench
         assert f"--json {out}/bench-b{batch}.json" in bench
     compiled = _plan_line(result.stdout, "bench-compiled-b512")
     assert "--compile --paths raw,fmnist --batch-size 512" in compiled

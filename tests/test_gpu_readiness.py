@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from torch.overrides import TorchFunctionMode
 
 from fmnist_lightning.callbacks import FiniteLossGuard, GracefulInterrupt, SeedRanks
-from fmnist_lightning.config import Settings
 from fmnist_lightning.data import Batch, one_hot
 from fmnist_lightning.errors import NonFiniteLoss, TrainingInterrupted
+from fmnist_lightning.settings import Settings
 from tests.helpers import classifier
 
 # Calls that read a device value back to the host (or, like unique/nonzero/bincount on CUDA, need

@@ -24,7 +24,7 @@ RECORDING_SCRIPT = """
 import json, sys
 from pathlib import Path
 from lightning.pytorch.callbacks import Callback
-from fmnist_lightning.config import Settings
+from fmnist_lightning.settings import DataSettings, Settings
 from fmnist_lightning.training import run_fit
 
 class Record(Callback):
@@ -82,14 +82,14 @@ def _tails(logs: Path) -> str:
 def validation_accuracy(ckpt: Path) -> float:
     """The checkpoint's accuracy on all 5,000 validation images, computed here in one process."""
     from fmnist_lightning.checkpoints import load_classifier
-    from fmnist_lightning.config import Settings
-    from fmnist_lightning.data import FashionMNISTDataModule
+    from fmnist_lightning.data import FashionMNISTDataModule, to_float_images
+    from fmnist_lightning.settings import DataSettings
 
     model = load_classifier(ckpt)
-    images, labels = FashionMNISTDataModule.from_settings(Settings(offline=True)).split("val")
+    images, labels = FashionMNISTDataModule.from_settings(DataSettings(offline=True), eval_batch_size=250).split("val")
     assert len(labels) == 5000
     with torch.inference_mode():
-        predicted = torch.cat([model(x.unsqueeze(1).float() / 255.0).argmax(1) for x in images.split(250)])
+        predicted = torch.cat([model(to_float_images(x)).argmax(1) for x in images.split(250)])
     return float((predicted == labels).double().mean())
 
 

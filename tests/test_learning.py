@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fmnist_lightning.config import Settings
+from fmnist_lightning.data import to_float_images
 from fmnist_lightning.evaluation import run_test
+from fmnist_lightning.settings import Settings
 from fmnist_lightning.training import run_fit
 
 
@@ -22,7 +23,7 @@ def test_one_epoch_on_the_full_train_split_reaches_85_percent(real_data: None, t
     )
     result = run_fit(s, out=tmp_path / "run")
     assert result.epochs == 1
-    _, report = run_test(result.best_checkpoint, s, tmp_path / "run")
+    _, report = run_test(result.best_checkpoint, s.evaluation_run(), tmp_path / "run")
     assert report is not None and report["num_samples"] == 10000
     assert report["accuracy"] >= 0.85, report["accuracy"]
 
@@ -31,16 +32,16 @@ def test_resnet_of_the_strong_config_learns_and_round_trips(datamodule, tmp_path
     """A few optimiser steps of configs/strong.yaml's network on one small real batch lower its
     loss, and its checkpoint rebuilds the same network with the same outputs."""
     from fmnist_lightning.checkpoints import load_classifier
-    from fmnist_lightning.settings import resolve_settings
+    from fmnist_lightning.settings_io import resolve_settings
     from tests.helpers import classifier
 
     strong = resolve_settings(Path("configs/strong.yaml"))
-    assert strong.network == "resnet"
+    assert strong.model.network == "resnet"
     torch.manual_seed(0)
-    model = classifier(network="resnet", dropout=strong.dropout, dropout_dense=strong.dropout_dense)
+    model = classifier(network="resnet", dropout=strong.model.dropout, dropout_dense=strong.model.dropout_dense)
     images, labels = datamodule.split("train")
-    x, y = images[:32].unsqueeze(1).float() / 255, labels[:32]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=strong.lr)
+    x, y = to_float_images(images[:32]), labels[:32]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=strong.optimisation.lr)
     model.train()
     losses = []
     for _ in range(8):

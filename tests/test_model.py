@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fmnist_lightning.checkpoints import load_classifier, read_checkpoint
-from fmnist_lightning.data import CLASS_NAMES
+from fmnist_lightning.data import CLASS_NAMES, to_float_images
 from fmnist_lightning.errors import CheckpointError
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.networks import ConvNet, build_network
@@ -159,7 +159,7 @@ def test_report_matches_scikit_learn(trained_run: Path, cli, tmp_path: Path) -> 
 
 
 def test_fast_evaluation_layout_gives_the_same_predictions(trained_run: Path, datamodule) -> None:
-    images = datamodule.split("test")[0][:2000].unsqueeze(1).float() / 255.0
+    images = to_float_images(datamodule.split("test")[0][:2000])
     plain = load_classifier(trained_run / "checkpoints" / "best.ckpt")
     fast = load_classifier(trained_run / "checkpoints" / "best.ckpt").to_channels_last()
     with torch.inference_mode():
@@ -181,7 +181,7 @@ def test_tta_averages_each_test_image_with_its_mirror(trained_run: Path, datamod
     rows = [r.split(",") for r in (out / "predictions.csv").read_text().splitlines()[1:]]
     written = torch.tensor([[float(v) for v in r[3:]] for r in rows[:500]])
 
-    images = datamodule.split("test")[0][:500].unsqueeze(1).float() / 255.0
+    images = to_float_images(datamodule.split("test")[0][:500])
     model = load_classifier(ckpt).eval()
     with torch.inference_mode():
         expected = (model(images).softmax(dim=1) + model(images.flip(-1)).softmax(dim=1)) / 2

@@ -157,8 +157,8 @@ def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, t
 def test_a_torchrun_launch_whose_restarts_would_fail_is_warned(
     real_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fmnist_lightning.config import Settings
     from fmnist_lightning.hardware import torchrun_restart_warning
+    from fmnist_lightning.settings import Settings
     from fmnist_lightning.training import run_fit
 
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
@@ -177,9 +177,9 @@ def test_a_process_its_torchrun_agent_started_again_resumes_with_a_restart_count
     """On several nodes an agent restarts its healthy workers for another node's failure without
     counting a restart: its workers see TORCHELASTIC_RESTART_COUNT=0 and still continue the run,
     because their agent is one the run recorded. Another launch's processes are still refused."""
-    from fmnist_lightning.config import Settings
     from fmnist_lightning.errors import UsageError
     from fmnist_lightning.hardware import torchrun_agent
+    from fmnist_lightning.settings import Settings
     from fmnist_lightning.training import run_fit
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")  # as torchrun sets it; this test process is the "worker"
@@ -187,7 +187,7 @@ def test_a_process_its_torchrun_agent_started_again_resumes_with_a_restart_count
     settings = Settings(accelerator="cpu", max_epochs=2, lr_schedule="none", limit_train_batches=2,
                         limit_val_batches=1, offline=True, progress=False)  # fmt: skip
     run = tmp_path / "run"
-    run_fit(settings.model_copy(update={"max_epochs": 1}), out=run)
+    run_fit(settings.replace(max_epochs=1), out=run)
     config = run / "config.yaml"
     assert yaml.safe_load(config.read_text())["provenance"]["torchrun_agents"] == [torchrun_agent()]
 
@@ -198,7 +198,7 @@ def test_a_process_its_torchrun_agent_started_again_resumes_with_a_restart_count
 
     config.write_text(config.read_text().replace(str(torchrun_agent()), "another-host:1:1"))
     with pytest.raises(UsageError, match="already holds a run"):
-        run_fit(settings.model_copy(update={"max_epochs": 3}), out=run)
+        run_fit(settings.replace(max_epochs=3), out=run)
 
 
 def test_without_a_restart_count_an_existing_run_is_still_refused(real_data: None, tmp_path: Path, cli) -> None:

@@ -17,9 +17,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted
 from fmnist_lightning.runs import run_lock
+from fmnist_lightning.settings import Settings
 from fmnist_lightning.training import run_fit
 
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
@@ -85,7 +85,7 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     def handlers() -> list[object]:  # SIGINT is SIG_IGN when the tests run as a background job
         return [signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)]
 
-    settings = settings.model_copy(update=changes)
+    settings = settings.replace(**changes)
     before = handlers()
     run_fit(settings, out=tmp_path / "straight")
     assert handlers() == before  # restored after a finished fit: a later SIGTERM still stops the process
@@ -108,9 +108,9 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
 
 
 def test_resume_can_extend_a_finished_run(real_data: None, settings: Settings, tmp_path: Path) -> None:
-    short = settings.model_copy(update=dict(max_epochs=1, lr_schedule="none"))
+    short = settings.replace(max_epochs=1, lr_schedule="none")
     run_fit(short, out=tmp_path / "run")
-    result = run_fit(short.model_copy(update=dict(max_epochs=2)), out=tmp_path / "run", resume=True)
+    result = run_fit(short.replace(max_epochs=2), out=tmp_path / "run", resume=True)
     assert result.epochs == 2
     assert [r["epoch"] for r in _metrics(tmp_path / "run")] == [1.0, 2.0]
 
@@ -118,14 +118,14 @@ def test_resume_can_extend_a_finished_run(real_data: None, settings: Settings, t
 def test_resume_refuses_to_stretch_a_scheduled_run(real_data: None, settings: Settings, tmp_path: Path) -> None:
     from fmnist_lightning.errors import UsageError
 
-    short = settings.model_copy(update=dict(max_epochs=1, lr_schedule="onecycle"))
+    short = settings.replace(max_epochs=1, lr_schedule="onecycle")
     run_fit(short, out=tmp_path / "run")
     with pytest.raises(UsageError, match="onecycle learning-rate schedule is sized for 1 epochs"):
-        run_fit(short.model_copy(update=dict(max_epochs=2)), out=tmp_path / "run", resume=True)
+        run_fit(short.replace(max_epochs=2), out=tmp_path / "run", resume=True)
 
 
 def test_same_seed_deterministic_runs_are_bit_identical(real_data: None, settings: Settings, tmp_path: Path) -> None:
-    one_epoch = settings.model_copy(update=dict(max_epochs=1))
+    one_epoch = settings.replace(max_epochs=1)
     run_fit(one_epoch, out=tmp_path / "a")
     run_fit(one_epoch, out=tmp_path / "b")
     assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")

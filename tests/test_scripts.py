@@ -55,8 +55,8 @@ def test_validation_tta_reports_plain_and_flip_accuracy_on_the_validation_split(
     import lightning as L
 
     from fmnist_lightning.checkpoints import load_classifier
-    from fmnist_lightning.config import Settings
     from fmnist_lightning.data import FashionMNISTDataModule
+    from fmnist_lightning.settings import DataSettings
 
     out = tmp_path / "val-tta.json"
     args = [sys.executable, str(SCRIPTS / "validation_tta.py"), str(trained_run), "--json", str(out)]
@@ -66,7 +66,7 @@ def test_validation_tta_reports_plain_and_flip_accuracy_on_the_validation_split(
     assert "with flip TTA" in result.stdout and 0.5 < measured["tta"] <= 1
     # "plain" is what Lightning's validation loop gives for all 5,000 validation images.
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    datamodule = FashionMNISTDataModule.from_settings(Settings(offline=True))
+    datamodule = FashionMNISTDataModule.from_settings(DataSettings(offline=True), eval_batch_size=250)
     model = load_classifier(trained_run / "checkpoints" / "best.ckpt")
     (validated,) = trainer.validate(model, datamodule=datamodule, verbose=False)
     assert measured["plain"] == pytest.approx(validated["val/acc"], abs=1e-6)

@@ -15,10 +15,10 @@ from lightning.pytorch.profilers import PyTorchProfiler, SimpleProfiler
 
 from fmnist_lightning.callbacks import FiniteLossGuard, StochasticWeightAverage
 from fmnist_lightning.checkpoints import load_classifier
-from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import NonFiniteLoss
 from fmnist_lightning.hardware import hardware_for
 from fmnist_lightning.runs import read_metrics
+from fmnist_lightning.settings import Settings
 from fmnist_lightning.training import build_trainer, run_fit
 from tests.helpers import is_png
 
@@ -37,7 +37,7 @@ TINY_CLI = [
 
 def _trainer(tmp_path: Path, **settings: Any) -> Any:
     s = Settings(accelerator="cpu", progress=False, **settings)
-    return build_trainer(s, hardware_for(s), tmp_path)
+    return build_trainer(s, hardware_for(s.hardware), tmp_path)
 
 
 def _callbacks(trainer: Any, kind: type) -> list[Any]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_lightning.settings import resolve_settings
+from fmnist_lightning.settings_io import resolve_settings
 from tests.helpers import free_port, need, subprocess_env, wait_until
 
 TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "2")
@@ -22,7 +22,7 @@ def _check_run(client, run_id: str, run_dir: Path, artifacts: set[str]) -> None:
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     settings = resolve_settings(run_dir / "config.yaml")
-    for name, value in settings.model_dump().items():  # the resolved settings, as params
+    for name, value in settings.flat().items():  # the resolved settings, as params
         assert run.data.params[name] == str(value), name
     for name in EPOCH_METRICS:  # one value per epoch
         history = client.get_metric_history(run_id, name)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmnist_lightning.config import Settings
-from fmnist_lightning.settings import resolve_settings
+from fmnist_lightning.settings import Settings
+from fmnist_lightning.settings_io import resolve_settings
 from fmnist_lightning.space import load_space
 from tests.helpers import ROOT, free_port, need, subprocess_env, wait_until
 
@@ -139,9 +139,9 @@ def test_study_on_real_data_writes_its_folder_and_best_yaml_reproduces(real_data
 
     # best.yaml holds setting keys only, with the best trial's parameters.
     settings = resolve_settings(study / "best.yaml")
-    assert settings.lr == pytest.approx(float(best["lr"]), rel=1e-12)
-    assert settings.dropout == (best["dropout"] == "True")
-    assert (settings.max_epochs, settings.limit_train_batches, settings.deterministic) == (2, 8, True)
+    assert settings.optimisation.lr == pytest.approx(float(best["lr"]), rel=1e-12)
+    assert settings.model.dropout == (best["dropout"] == "True")
+    assert (settings.run.max_epochs, settings.run.limit_train_batches, settings.run.deterministic) == (2, 8, True)
 
     # MLflow: one parent run for the study, each trial a child run.
     from mlflow.tracking import MlflowClient

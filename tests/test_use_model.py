@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from fmnist_lightning.checkpoints import load_classifier
-from fmnist_lightning.config import Settings
-from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule
+from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, to_float_images
 from fmnist_lightning.inference import export_model, load_image, torchscript_logits
+from fmnist_lightning.settings import DataSettings
 from tests.helpers import is_png
 
 SHIPPED = Path(__file__).parent / "data"  # ankle_boot.png: test image 0; pullover_on_white.png: test image 1
@@ -31,7 +31,7 @@ PER_CLASS = 3
 
 @pytest.fixture(scope="module")
 def test_images(real_data: None) -> tuple[torch.Tensor, torch.Tensor]:
-    return FashionMNISTDataModule.from_settings(Settings(offline=True)).split("test")
+    return FashionMNISTDataModule.from_settings(DataSettings(offline=True), eval_batch_size=250).split("test")
 
 
 def _ckpt(run: Path) -> Path:
@@ -100,7 +100,7 @@ def test_shipped_images_become_the_test_images_they_were_made_from(
     # pullover_on_white.png is test image 1 inverted, enlarged 4x and placed off-centre on a
     # 200x160 white RGB canvas: cropping, scaling, centring and inversion must undo all of that.
     for name, index in (("ankle_boot.png", 0), ("pullover_on_white.png", 1)):
-        assert torch.equal(load_image(SHIPPED / name), images[index].float().div(255).unsqueeze(0)), name
+        assert torch.equal(load_image(SHIPPED / name), to_float_images(images[index : index + 1])[0]), name
     code, stdout, err = cli("predict", "--ckpt", _ckpt(trained_run), SHIPPED)
     assert code == 0, err
     assert "ankle_boot.png" in stdout and "pullover_on_white.png" in stdout and "1st" in stdout
@@ -164,7 +164,7 @@ def test_export_onnx_and_torchscript_agree_with_pytorch(
     trained_run = copied_run  # the default output goes into the run folder
     onnxruntime = pytest.importorskip("onnxruntime")
     model = load_classifier(_ckpt(trained_run))
-    batch = test_images[0][-5:].unsqueeze(1).float() / 255  # images the export did not check: another batch size
+    batch = to_float_images(test_images[0][-5:])  # images the export did not check: another batch size
     with torch.inference_mode():
         expected = model(batch).numpy()
 
@@ -191,7 +191,7 @@ def test_export_fails_when_the_exported_model_disagrees(
 
     real = inference.torchscript_logits
     monkeypatch.setattr(inference, "torchscript_logits", lambda path, images: real(path, images) + 0.01)
-    images = test_images[0][:50].unsqueeze(1).float() / 255
+    images = to_float_images(test_images[0][:50])
     with pytest.raises(FmnistError, match="disagreed with the PyTorch model"):
         export_model(load_classifier(_ckpt(trained_run)), "torchscript", tmp_path / "m.pt", images)
     assert not (tmp_path / "m.pt").exists()  # nobody can pick up a model that failed its check

@@ -1,0 +1,79 @@
+"""The one Trainer factory: every Trainer this package builds (fit, test, lr-find, tune, bench) comes
+from `make_trainer`, so the arguments they share are written once.
+
+What every Trainer here shares, and why:
+- the resolved hardware (`Hardware.trainer_kwargs`);
+- `use_distributed_sampler=False`: the data module shards its own tensor batches over the ranks;
+- `AtomicCheckpointIO`: a checkpoint file is either whole or absent, never half-written;
+- no model summary, no sanity validation (fit validates at its first epoch end anyway), no logger
+  and no progress bar unless asked for.
+`loop_options` maps the run and toolkit sections onto the Trainer's loop arguments, one to one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+
+from fmnist_lightning.checkpoints import AtomicCheckpointIO
+from fmnist_lightning.hardware import Hardware
+from fmnist_lightning.settings import RunSettings, ToolkitSettings
+
+# Lightning warnings that do not apply to how this package uses it (regular expressions):
+KNOWN_WARNINGS = (
+    # We log per epoch only, so the hint about short epochs vs. log_every_n_steps is noise.
+    "The number of training batches .* is smaller than the logging interval",
+    # Our data module restores the position inside the epoch itself (see its state_dict).
+    "You're resuming from a checkpoint that ended before the epoch ended",
+    # The validation metrics are computed from states torchmetrics sums over all ranks: every rank
+    # logs the same global value, so Lightning's advice to add sync_dist does not apply.
+    r"It is recommended to use `self.log\('val/",
+    # Under --overfit-batches the data module itself stops shuffling (Lightning cannot, for a loader
+    # that is not a DataLoader; evaluation never shuffles), so Lightning's warning is wrong.
+    "You requested to overfit but enabled",
+)
+
+
+@contextlib.contextmanager
+def known_warnings_hidden() -> Iterator[None]:
+    """Inside the block, Lightning's warnings in KNOWN_WARNINGS are hidden; all others show, and
+    the process's filters are as before afterwards."""
+    with warnings.catch_warnings():
+        for message in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def make_trainer(hw: Hardware, *, progress: bool = False, **options: Any) -> L.Trainer:
+    """A Trainer on `hw` with this package's shared arguments; `options` add to or override them."""
+    shared: dict[str, Any] = {
+        "logger": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "plugins": [AtomicCheckpointIO()],
+        "use_distributed_sampler": False,  # our batches are sharded by the data module itself
+        "enable_progress_bar": progress,
+    }
+    with known_warnings_hidden():
+        return L.Trainer(**hw.trainer_kwargs(), **{**shared, **options})
+
+
+def loop_options(run: RunSettings, toolkit: ToolkitSettings) -> dict[str, Any]:
+    """The Trainer's loop arguments that the run and toolkit sections map onto one to one."""
+    return {
+        "max_epochs": run.max_epochs,
+        "deterministic": run.deterministic,
+        "limit_train_batches": run.limit_train_batches,
+        "limit_val_batches": run.limit_val_batches,
+        "val_check_interval": run.val_check_interval,
+        "check_val_every_n_epoch": run.check_val_every_n_epoch,
+        "fast_dev_run": run.fast_dev_run,
+        "overfit_batches": run.overfit_batches,
+        "gradient_clip_val": toolkit.gradient_clip_val or None,  # 0 means off, which Lightning spells None
+        "gradient_clip_algorithm": toolkit.gradient_clip_algorithm,
+        "accumulate_grad_batches": toolkit.accumulate_grad_batches,
+    }
