@@ -93,7 +93,7 @@ def torchrun_restart_warning() -> str | None:
     return (
         "torchrun --max-restarts: its restarted processes may fail to connect, because they share the "
         "previous group's rendezvous store; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and "
-        "--rdzv-backend c10d (see the README's 'When a process dies')"
+        "--rdzv-backend c10d (see docs/scaling.md, 'When a process dies')"
     )
 
 

@@ -1,6 +1,6 @@
 """Benchmark training and evaluation speed; the same as `fmnist bench` (see --help).
 
-The README's table:
+The table in docs/performance.md:
   python scripts/benchmark.py --paths raw,fmnist,typical,fmnist-fast --repeats 12 --steps 100 --json runs/bench.json
 """
 

@@ -1,5 +1,5 @@
-"""The README's torchrun command, run for real: two torchrun agents on this machine act as two nodes
-(one CPU process each, gloo), with the static rendezvous the README shows (--master-addr/--master-port)."""
+"""The torchrun command of docs/scaling.md, run for real: two torchrun agents on this machine act as two nodes
+(one CPU process each, gloo), with the static rendezvous docs/scaling.md shows (--master-addr/--master-port)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_torchrun_two_nodes_ranks_and_shards(real_data: None, tmp_path: Path) ->
 
 
 def test_torchrun_two_nodes_fit_and_test_as_in_the_readme(real_data: None, tmp_path: Path, cli) -> None:
-    # README: torchrun --nnodes 2 --nproc-per-node 4 --node-rank $NODE_RANK --master-addr $MASTER_ADDR
+    # docs/scaling.md: torchrun --nnodes 2 --nproc-per-node 4 --node-rank $NODE_RANK --master-addr $MASTER_ADDR
     #   --master-port 29500 -m fmnist_lightning fit --gpus 4 --num-nodes 2 --strategy ddp --out runs/two-nodes
     work = tmp_path / "work"
     work.mkdir()

@@ -80,7 +80,7 @@ def _workers(agent: int) -> dict[int, int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("agents", [1, 2], ids=["one-agent-two-processes", "two-agents-as-two-nodes"])
 def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, tmp_path: Path, agents: int) -> None:
-    """README, 'When a process dies': torchrun --max-restarts 1 with the c10d rendezvous, two
+    """docs/scaling.md, 'When a process dies': torchrun --max-restarts 1 with the c10d rendezvous, two
     processes, under one agent or under two agents acting as two nodes. The last agent's worker
     (rank 1 under one agent) is killed with SIGKILL inside epoch 2; the agents stop the survivor and
     start the group again; it resumes from last.ckpt with no --resume, and the run ends with exactly
