@@ -16,7 +16,6 @@ mlflow and lightning are imported inside the functions: reading this module cost
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -26,10 +25,11 @@ from typing import Any
 
 from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import UsageError
+from fmnist_lightning.extras import extra_hint, require_extra
 from fmnist_lightning.hardware import is_global_zero
 from fmnist_lightning.runs import MLFLOW_RUN, TENSORBOARD_DIR
 
-TRACKING_EXTRA_HINT = "pip install 'fmnist-lightning[tracking]'"
+TRACKING_EXTRA_HINT = extra_hint("tracking")
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
 PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow nests a run under another (its UI shows the tree)
@@ -40,8 +40,7 @@ _parent_run: ContextVar[str | None] = ContextVar("parent_run", default=None)
 
 
 def require_mlflow() -> None:
-    if importlib.util.find_spec("mlflow") is None:
-        raise UsageError(f"--logger mlflow needs the 'tracking' extra: {TRACKING_EXTRA_HINT}")
+    require_extra("tracking", ("mlflow",), "--logger mlflow")
 
 
 def tracking_uri(s: Settings, store_dir: Path) -> str:

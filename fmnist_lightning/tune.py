@@ -19,7 +19,6 @@ command continues an interrupted study up to N.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import logging
 import os
 import socket
@@ -34,12 +33,13 @@ from lightning.pytorch.callbacks import Callback
 
 from fmnist_lightning.config import Settings
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
+from fmnist_lightning.extras import extra_hint, require_extra
 from fmnist_lightning.hardware import hardware_for
 from fmnist_lightning.space import Param, with_value
 from fmnist_lightning.tracking import log_parent_results, parent_run
 from fmnist_lightning.training import FitResult, run_fit
 
-TUNE_EXTRA_HINT = "pip install 'fmnist-lightning[tune]'"
+TUNE_EXTRA_HINT = extra_hint("tune")
 STUDY_DB = "study.db"
 TRIALS_CSV = "trials.csv"
 BEST_YAML = "best.yaml"
@@ -105,8 +105,7 @@ class PruneOnValAcc(Callback):
 
 
 def require_optuna() -> None:
-    if importlib.util.find_spec("optuna") is None:
-        raise UsageError(f"fmnist tune needs the 'tune' extra: {TUNE_EXTRA_HINT}")
+    require_extra("tune", ("optuna",), "fmnist tune")
 
 
 def check_single_process(base: Settings) -> None:

@@ -97,5 +97,5 @@ def test_mlflow_without_the_extra_names_it(cli, tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     code, _, err = cli("fit", *TINY, "--logger", "mlflow", "--out", tmp_path / "run")
     assert code == 2 and err.strip() == (
-        "error: --logger mlflow needs the 'tracking' extra: pip install 'fmnist-lightning[tracking]'"
+        "error: --logger mlflow needs the 'tracking' extra (mlflow missing): pip install -e \".[tracking]\""
     ), err

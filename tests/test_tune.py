@@ -81,9 +81,9 @@ def test_tune_without_the_extra_names_it(cli, tmp_path: Path, monkeypatch: pytes
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
     code, _, err = cli("tune", "--space", _written(tmp_path, SPACE), "--out", tmp_path / "s", *TINY)
-    assert (
-        code == 2 and err.strip() == "error: fmnist tune needs the 'tune' extra: pip install 'fmnist-lightning[tune]'"
-    )
+    assert code == 2 and err.strip() == (
+        "error: fmnist tune needs the 'tune' extra (optuna missing): pip install -e \".[tune]\""
+    ), err
 
 
 def test_failed_trials_are_recorded_and_the_study_goes_on(real_data: None, cli, tmp_path: Path) -> None:
