@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 from fmnist_lightning.config import Settings
+from fmnist_lightning.errors import UsageError
 from fmnist_lightning.settings import resolve_settings
-from fmnist_lightning.space import load_space
+from fmnist_lightning.space import Param, load_space
 from tests.helpers import ROOT, free_port, need, subprocess_env, wait_until
 
 TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "1")
@@ -43,6 +44,10 @@ SPACE = (
         ("dropout_conv: {low: 0.0, high: 1.5}", r"dropout_conv must be in [0, 1), got 1.5"),
         ("optimizer: {choices: [adam, lion]}", "optimizer must be one of adam, adamw, sgd; got 'lion'"),
         ("batch_size: {low: 0, high: 64}", "batch_size must be a positive integer, got 0"),
+        ("batch_size: []", "batch_size: choices must be a non-empty list of values, got []"),
+        ("batch_size: [[64, 128]]", "batch_size: each choice must be a single value, got [64, 128]"),
+        ("batch_size: [64, {low: 1}]", "batch_size: each choice must be a single value, got {'low': 1}"),
+        ("batch_size: [64, 12.5]", "setting 'batch_size' must be of type int, got 12.5 (float)"),
     ],
 )
 def test_a_bad_space_is_one_line_and_exit_2(space: str, message: str, cli, tmp_path: Path) -> None:
@@ -67,6 +72,20 @@ def test_the_shipped_space_and_its_kinds(tmp_path: Path) -> None:
     }
     (batch,) = load_space(_written(tmp_path, "batch_size: {low: 32, high: 256}"), Settings())
     assert (batch.integer, batch.low, batch.high) == (True, 32, 256)
+
+
+def test_a_plain_list_is_a_choice(tmp_path: Path) -> None:
+    """`batch_size: [64, 128]` is `batch_size: {choices: [64, 128]}`, for numbers and booleans alike."""
+    plain = load_space(_written(tmp_path, "batch_size: [64, 128]\ndropout: [true, false]"), Settings())
+    spelled = "batch_size: {choices: [64, 128]}\ndropout: {choices: [true, false]}"
+    assert plain == load_space(_written(tmp_path, spelled), Settings())
+    assert plain == (Param("batch_size", choices=(64, 128)), Param("dropout", choices=(True, False)))
+
+
+def test_a_space_that_is_no_mapping_shows_both_forms(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as caught:
+        load_space(_written(tmp_path, "- lr"), Settings())
+    assert str(caught.value).endswith("e.g. 'lr: {low: 1e-4, high: 1e-2, log: true}' or 'batch_size: [64, 128]'")
 
 
 def _written(folder: Path, text: str) -> Path:
