@@ -4,6 +4,7 @@ workers sharing one study (SQLite on one machine; a real PostgreSQL server as fo
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import pwd
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +88,35 @@ def test_a_space_that_is_no_mapping_shows_both_forms(tmp_path: Path) -> None:
     with pytest.raises(UsageError) as caught:
         load_space(_written(tmp_path, "- lr"), Settings())
     assert str(caught.value).endswith("e.g. 'lr: {low: 1e-4, high: 1e-2, log: true}' or 'batch_size: [64, 128]'")
+
+
+def test_study_plots_log_and_warn_nothing_for_numeric_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`batch_size: [64, 128]` is drawn as numbers: matplotlib logs no "categorical units" line (as it
+    did under Optuna's own slice plot, which hands it the choices as strings), and nothing warns."""
+    need("optuna", "tune")
+    import optuna
+
+    from fmnist_lightning.tune import PLOTS, write_plots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(
+        lambda trial: (
+            0.8
+            + trial.suggest_categorical("batch_size", [64, 128]) / 1000
+            + trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+            + 0.01 * trial.suggest_categorical("dropout", [True, False])
+        ),
+        n_trials=6,
+    )
+    caplog.set_level(logging.INFO)  # the CLI's level
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = write_plots(study, tmp_path)
+    assert [p.name for p in written] == list(PLOTS)
+    assert all((tmp_path / name).stat().st_size > 1000 for name in PLOTS)
+    matplotlib_lines = [r.getMessage() for r in caplog.records if r.name.startswith("matplotlib.category")]
+    assert not matplotlib_lines and "categorical units" not in caplog.text, matplotlib_lines
 
 
 def _written(folder: Path, text: str) -> Path:
