@@ -8,7 +8,6 @@ black while product photos show them on white.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import tempfile
 import warnings
@@ -24,6 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE, to_float_images
 from fmnist_lightning.errors import FmnistError, UsageError
+from fmnist_lightning.extras import extra_hint, missing_modules, require_extra
 from fmnist_lightning.hardware import hardware_for
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import default_out_for
@@ -35,7 +35,7 @@ MAX_MEGAPIXELS = 40  # larger images are refused (camera photos are mostly 12-24
 # A pixel belongs to the object when it differs from the background by more than this (of 255).
 OBJECT_THRESHOLD = 24
 EXPORT_FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
-EXPORT_EXTRA_HINT = "pip install 'fmnist-lightning[export]'"
+EXPORT_EXTRA_HINT = extra_hint("export")
 ONNX_EXPORTER = ("onnx", "onnxscript")  # what torch.onnx's exporter imports
 ONNX_ENGINE = (*ONNX_EXPORTER, "onnxruntime")  # export, then run: `--eval-engine onnxruntime`
 # Exported and PyTorch logits may differ by float rounding (other kernels, fused ops), not more.
@@ -207,19 +207,9 @@ class ExportResult:
     checked_images: int
 
 
-def missing_modules(names: Sequence[str]) -> list[str]:
-    """Which of these modules (parts of the 'export' extra) are not installed."""
-    return [name for name in names if importlib.util.find_spec(name) is None]
-
-
-def require_modules(names: Sequence[str], purpose: str) -> None:
-    if missing := missing_modules(names):
-        raise FmnistError(f"{purpose} needs the 'export' extra ({', '.join(missing)} missing): {EXPORT_EXTRA_HINT}")
-
-
 def export_onnx(model: torch.nn.Module, sample: torch.Tensor, path: Path) -> None:
     """ONNX with input `images` (batch, 1, 28, 28) and output `logits` (batch, 10); any batch size."""
-    require_modules(ONNX_EXPORTER, "ONNX export")
+    require_extra("export", ONNX_EXPORTER, "ONNX export")
     # The exporter's graph passes log each step at INFO, which the CLI shows: keep them to warnings.
     loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir")]
     levels = [logger.level for logger in loggers]
@@ -284,7 +274,7 @@ class OnnxRuntimeNet(torch.nn.Module):
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
-        require_modules(ONNX_ENGINE, "--eval-engine onnxruntime")
+        require_extra("export", ONNX_ENGINE, "--eval-engine onnxruntime")
         with tempfile.TemporaryDirectory(prefix="fmnist-onnx-") as tmp:
             path = Path(tmp) / "net.onnx"
             export_onnx(net.cpu().eval(), torch.zeros(2, 1, IMAGE_SIZE, IMAGE_SIZE), path)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -101,4 +103,54 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], suggestion: floa
     ax.set_title("Learning-rate range test")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
+    _save(fig, path)
+
+
+@dataclass(frozen=True)
+class SliceParam:
+    """One tuned parameter of a study, for `plot_slices`."""
+
+    name: str
+    points: list[tuple[Any, float, int]]  # (value drawn, objective, trial number), one per trial
+    log: bool = False  # a range on a log scale
+    choices: tuple[Any, ...] = ()  # a list of choices, in the space file's order (empty: a range)
+
+
+def plot_slices(params: Sequence[SliceParam], ylabel: str, path: Path) -> None:
+    """Each trial's objective against the value of each parameter (Optuna's slice plot), coloured by
+    trial number. Numbers stay numbers on the x axis, choices of numbers too (`batch_size: [64, 128]`,
+    ticks at the choices); other choices (true/false, names) are evenly spaced ticks in their order.
+
+    Optuna's own slice plot passes every choice to matplotlib as its repr (the string '64'), which
+    matplotlib then places as a category, logging that it did ("Using categorical units...")."""
+    fig, axes = plt.subplots(1, len(params), figsize=(max(4.5, 3.2 * len(params)), 4), sharey=True, squeeze=False)
+    numbers = [n for p in params for _, _, n in p.points]
+    norm = plt.Normalize(min(numbers, default=0), max(numbers, default=1))
+    scatter = None
+    for ax, p in zip(axes.flat, params):
+        values = [v for v, _, _ in p.points]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (*p.choices, *values))
+        if numeric:
+            xs = [float(v) for v in values]
+            if p.log:
+                ax.set_xscale("log")
+            if p.choices:
+                ticks = sorted({float(c) for c in p.choices})
+                ax.set_xticks(ticks, [f"{c:g}" for c in ticks])
+                ax.minorticks_off()
+                pad = (ticks[-1] - ticks[0]) * 0.1 or 1.0
+                ax.set_xlim(ticks[0] - pad, ticks[-1] + pad)
+        else:
+            order = list(p.choices) or list(dict.fromkeys(values))
+            xs = [float(order.index(v)) for v in values]
+            ax.set_xticks(range(len(order)), [str(c) for c in order])
+            ax.set_xlim(-0.5, len(order) - 0.5)
+        ys = [y for _, y, _ in p.points]
+        scatter = ax.scatter(xs, ys, c=[n for _, _, n in p.points], cmap="Blues", norm=norm, edgecolors="grey")
+        ax.set_xlabel(p.name)
+        ax.grid(alpha=0.3)
+    axes.flat[0].set_ylabel(ylabel)
+    if scatter is not None:
+        fig.colorbar(scatter, ax=list(axes.flat), label="trial")
+    fig.suptitle("Slice plot: each trial's value of each parameter")
     _save(fig, path)

@@ -3,7 +3,7 @@
     lr: {low: 1e-4, high: 1e-2, log: true}   # a range: float, or int when the setting is an integer
     dropout_conv: {low: 0.0, high: 0.5}
     batch_size: {choices: [64, 128]}          # a list of values: any setting
-    dropout: {choices: [true, false]}
+    dropout: [true, false]                    # the same, written as a plain list
 
 Every name, bound and choice is checked against the settings model (on top of the base settings)
 before any trial runs, so a typo costs one line instead of a study of failed trials. A range is
@@ -59,7 +59,7 @@ def load_space(path: Path, base: Settings) -> tuple[Param, ...]:
     if not isinstance(data, dict) or not data:
         raise UsageError(
             f"space file {path} must map setting names to ranges or choices, "
-            "e.g. 'lr: {{low: 1e-4, high: 1e-2, log: true}}'"
+            "e.g. 'lr: {low: 1e-4, high: 1e-2, log: true}' or 'batch_size: [64, 128]'"
         )
     try:
         return tuple(_param(str(name).replace("-", "_"), entry, base) for name, entry in data.items())
@@ -71,8 +71,12 @@ def _param(name: str, entry: Any, base: Settings) -> Param:
     fields = Settings.flat_fields()
     if name not in fields:
         raise UsageError(f"unknown setting {name!r}; known settings: {', '.join(fields)}")
+    if isinstance(entry, list):  # `batch_size: [64, 128]`: the natural way to write a choice
+        entry = {"choices": entry}
     if not isinstance(entry, dict) or not entry:
-        raise UsageError(f"{name}: give a range {{low: ..., high: ...}} or {{choices: [...]}}, not {entry!r}")
+        raise UsageError(
+            f"{name}: give a range {{low: ..., high: ...}}, {{choices: [...]}} or a list [...], not {entry!r}"
+        )
     if "choices" in entry:
         return _choices(name, entry, base)
     unknown = [k for k in entry if k not in RANGE_KEYS]
@@ -86,7 +90,7 @@ def _choices(name: str, entry: dict[str, Any], base: Settings) -> Param:
     if len(entry) > 1:
         raise UsageError(f"{name}: choices takes no other keys, got {list(entry)}")
     if not isinstance(choices, list) or not choices:
-        raise UsageError(f"{name}: choices must be a non-empty list, got {choices!r}")
+        raise UsageError(f"{name}: choices must be a non-empty list of values, got {choices!r}")
     for choice in choices:
         if not isinstance(choice, SCALARS):
             raise UsageError(f"{name}: each choice must be a single value, got {choice!r}")

@@ -9,14 +9,14 @@ Without `--tracking-uri` the MLflow store is embedded: a SQLite file in the run 
 (runs/mlflow.db for runs/001, STUDY/mlflow.db for a study's trials), artifacts in mlartifacts/
 beside it: no server, and every run of that folder lands in one store. The run's MLflow id is kept
 in the run folder (mlflow-run.json), so a resumed fit continues the same MLflow run and a later
-`fmnist test` attaches its report to it.
+`fmnist test` attaches its report to it. A server given by an http(s) `--tracking-uri` must answer
+within a few seconds, before anything trains (`check_server`).
 
 mlflow and lightning are imported inside the functions: reading this module costs nothing.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -24,14 +24,16 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from fmnist_lightning.errors import UsageError
+from fmnist_lightning.errors import FmnistError, UsageError
+from fmnist_lightning.extras import extra_hint, require_extra
 from fmnist_lightning.hardware import is_global_zero
 from fmnist_lightning.runs import MLFLOW_RUN, TENSORBOARD_DIR
 from fmnist_lightning.settings import TrackingSettings
 
-TRACKING_EXTRA_HINT = "pip install 'fmnist-lightning[tracking]'"
+TRACKING_EXTRA_HINT = extra_hint("tracking")
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
+SERVER_TIMEOUT_S = 5  # for a tracking server's first answer (see check_server)
 PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow nests a run under another (its UI shows the tree)
 
 # The MLflow run new runs are nested under (a study's run while `tune` runs its trials). A context
@@ -40,8 +42,7 @@ _parent_run: ContextVar[str | None] = ContextVar("parent_run", default=None)
 
 
 def require_mlflow() -> None:
-    if importlib.util.find_spec("mlflow") is None:
-        raise UsageError(f"--logger mlflow needs the 'tracking' extra: {TRACKING_EXTRA_HINT}")
+    require_extra("tracking", ("mlflow",), "--logger mlflow")
 
 
 def tracking_uri(t: TrackingSettings, store_dir: Path) -> str:
@@ -54,14 +55,72 @@ def _artifact_location(t: TrackingSettings, store_dir: Path) -> str | None:
     return None if t.tracking_uri else (store_dir / MLFLOW_ARTIFACTS).resolve().as_uri()
 
 
+def check_server(uri: str, store_dir: Path) -> None:
+    """An http(s) tracking URI must answer within SERVER_TIMEOUT_S, else one line says what to do.
+
+    MLflow's client retries a refused connection with growing pauses for minutes (about 4 with its
+    defaults) and then fails with a traceback. Any HTTP answer counts, even an error status (a
+    server that wants a login, a proxy with another path): only no answer at all is refused. So do
+    TLS errors (MLflow checks certificates with its own settings); urllib and MLflow both take a
+    proxy from HTTP(S)_PROXY.
+    """
+    import http.client
+    import ssl
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(uri)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # not a port number: MLflow reports it in its own words
+        return
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=SERVER_TIMEOUT_S).close()
+        return
+    except urllib.error.HTTPError:
+        return
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, ssl.SSLError):
+            return
+        problem: object = exc.reason
+    except ValueError:  # a URL urllib cannot take apart: MLflow reports it in its own words
+        return
+    except (OSError, http.client.HTTPException) as exc:  # accepted, then no (HTTP) answer
+        problem = exc
+    if isinstance(problem, TimeoutError):
+        why = f"no answer within {SERVER_TIMEOUT_S} s"
+    elif isinstance(problem, OSError) and problem.strerror:
+        why = problem.strerror
+    else:
+        why = str(problem) or type(problem).__name__
+    if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+        todo = f"start it (mlflow server --host {parts.hostname} --port {port}) or correct --tracking-uri"
+    else:
+        todo = "check that the server runs and that --tracking-uri is right"
+    raise FmnistError(
+        f"cannot reach the MLflow tracking server {uri} ({why}): {todo}, "
+        f"or drop --tracking-uri to record runs in {store_dir / MLFLOW_DB}"
+    )
+
+
+def _client(t: TrackingSettings, store_dir: Path) -> Any:
+    """An MlflowClient of the store, its server checked first (see `check_server`)."""
+    require_mlflow()
+    check_server(tracking_uri(t, store_dir), store_dir)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri(t, store_dir))
+
+
 def experiment_id(t: TrackingSettings, store_dir: Path) -> str:
     """The id of `t.experiment` in the store, created if needed (tolerating a worker that creates
     it at the same moment)."""
-    require_mlflow()
+    client = _client(t, store_dir)
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(t, store_dir))
     for _ in range(2):
         found = client.get_experiment_by_name(t.experiment)
         if found is not None:
@@ -136,10 +195,9 @@ def parent_run(t: TrackingSettings, store_dir: Path, name: str, run_id: str | No
     if "mlflow" not in t.logger:
         yield None
         return
+    client = _client(t, store_dir)
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri(t, store_dir))
     if run_id is not None:
         try:
             client.get_run(run_id)

@@ -19,8 +19,8 @@ command continues an interrupted study up to N.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import logging
+import math
 import os
 import socket
 import time
@@ -33,13 +33,14 @@ from typing import Any
 from lightning.pytorch.callbacks import Callback
 
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
+from fmnist_lightning.extras import extra_hint, require_extra
 from fmnist_lightning.hardware import hardware_for
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.space import Param, with_value
 from fmnist_lightning.tracking import log_parent_results, parent_run
 from fmnist_lightning.training import FitResult, run_fit
 
-TUNE_EXTRA_HINT = "pip install 'fmnist-lightning[tune]'"
+TUNE_EXTRA_HINT = extra_hint("tune")
 STUDY_DB = "study.db"
 TRIALS_CSV = "trials.csv"
 BEST_YAML = "best.yaml"
@@ -105,8 +106,7 @@ class PruneOnValAcc(Callback):
 
 
 def require_optuna() -> None:
-    if importlib.util.find_spec("optuna") is None:
-        raise UsageError(f"fmnist tune needs the 'tune' extra: {TUNE_EXTRA_HINT}")
+    require_extra("tune", ("optuna",), "fmnist tune")
 
 
 def check_single_process(base: Settings) -> None:
@@ -342,13 +342,26 @@ def write_plots(study: Any, study_dir: Path) -> list[Path]:
     from optuna.visualization import matplotlib as vis
 
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    makers: list[tuple[str, Callable[[Any], Any], int]] = [
-        (PLOTS[0], vis.plot_optimization_history, 1),
-        (PLOTS[1], vis.plot_param_importances, 2),
-        (PLOTS[2], vis.plot_slice, 1),
+
+    def optuna_plot(make: Callable[[Any], Any]) -> Callable[[Path], None]:
+        def draw(path: Path) -> None:
+            with warnings.catch_warnings():
+                # Optuna marks its matplotlib backend experimental, and says so on every plot.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = make(study)
+            figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
+            figure.savefig(path, dpi=100, bbox_inches="tight")
+            plt.close(figure)
+
+        return draw
+
+    makers: list[tuple[str, Callable[[Path], None], int]] = [
+        (PLOTS[0], optuna_plot(vis.plot_optimization_history), 1),
+        (PLOTS[1], optuna_plot(vis.plot_param_importances), 2),
+        (PLOTS[2], lambda path: _plot_slices(complete, path), 1),  # not Optuna's: see plots.plot_slices
     ]
     written = []
-    for name, make, needed in makers:
+    for name, draw, needed in makers:
         path = study_dir / name
         if len(complete) < needed:
             logging.getLogger(__name__).info(
@@ -356,14 +369,36 @@ def write_plots(study: Any, study_dir: Path) -> list[Path]:
             )
             continue
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the matplotlib backend is marked experimental
-                axes = make(study)
+            draw(path)
         except (ValueError, RuntimeError, ImportError) as exc:
             logging.getLogger(__name__).info("%s not drawn: %s", name, exc)
             continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).get_figure()
-        figure.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(figure)
         written.append(path)
     return written
+
+
+def _plot_slices(complete: list[Any], path: Path) -> None:
+    """Each completed trial's val/acc against each parameter it drew (numbers as numbers)."""
+    import optuna
+
+    from fmnist_lightning.plots import SliceParam, plot_slices
+
+    distributions: dict[str, Any] = {}
+    for t in complete:
+        for name, distribution in t.distributions.items():
+            distributions.setdefault(name, distribution)
+    params = []
+    for name in sorted(distributions):
+        distribution = distributions[name]
+        points = [(t.params[name], t.value, t.number) for t in complete if name in t.params and _finite(t.value)]
+        if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+            params.append(SliceParam(name, points, choices=tuple(distribution.choices)))
+        else:
+            params.append(SliceParam(name, points, log=bool(getattr(distribution, "log", False))))
+    if not params:
+        raise ValueError("the study's trials drew no parameters")
+    plot_slices(params, f"best {MONITOR}", path)
+
+
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

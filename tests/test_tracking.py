@@ -3,14 +3,19 @@ real `mlflow server` and in the embedded default store."""
 
 from __future__ import annotations
 
+import http.server
+import socket
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from fmnist_lightning.errors import FmnistError
 from fmnist_lightning.settings_io import resolve_settings
 from tests.helpers import free_port, need, subprocess_env, wait_until
 
@@ -97,5 +102,67 @@ def test_mlflow_without_the_extra_names_it(cli, tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     code, _, err = cli("fit", *TINY, "--logger", "mlflow", "--out", tmp_path / "run")
     assert code == 2 and err.strip() == (
-        "error: --logger mlflow needs the 'tracking' extra: pip install 'fmnist-lightning[tracking]'"
+        "error: --logger mlflow needs the 'tracking' extra (mlflow missing): pip install -e \".[tracking]\""
     ), err
+
+
+def test_an_unreachable_tracking_server_is_one_line_before_training(real_data: None, tmp_path: Path) -> None:
+    """Nothing listens on the port: one line naming the URI and what to do, within seconds (MLflow's
+    client alone retries for about 4 minutes, then prints a traceback), and nothing trained or kept."""
+    need("mlflow", "tracking")
+    uri = f"http://127.0.0.1:{free_port()}"  # bound, then closed: nothing listens there
+    run_dir = tmp_path / "runs" / "001"
+    args = [sys.executable, "-m", "fmnist_lightning", "fit", "--logger", "mlflow", "--tracking-uri", uri]
+    args += ["--max-epochs", "1", "--limit-train-batches", "2", "--limit-val-batches", "1", "--offline"]
+    start = time.monotonic()
+    result = subprocess.run(
+        [*args, "--no-progress", "--out", str(run_dir)],
+        env=subprocess_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.monotonic() - start
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: cannot reach the MLflow tracking server {uri} (Connection refused)")
+    assert "mlflow server --host 127.0.0.1" in lines[0] and "drop --tracking-uri" in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    # Most of it is importing torch and Lightning (about 10 s on a busy 2-core machine): far from minutes.
+    assert elapsed < 30, f"{elapsed:.0f} s"
+    assert not run_dir.exists() and not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("mlflow.db"))
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(401, "login first")  # an HTTP answer, if not a welcome one
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_any_http_answer_counts_as_reachable_and_silence_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that answers with an error status (a login wall, a proxy) is there: MLflow gets to
+    say what it thinks of it. One that accepts the connection and never answers is refused."""
+    from fmnist_lightning import tracking
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        tracking.check_server(f"http://127.0.0.1:{server.server_port}", tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel accepts connections; nobody reads or answers
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}/"
+        monkeypatch.setattr(tracking, "SERVER_TIMEOUT_S", 0.5)
+        with pytest.raises(FmnistError, match=r"^cannot reach the MLflow tracking server .* \(no answer within 0.5 s"):
+            tracking.check_server(uri, tmp_path)
+    tracking.check_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path)  # a local store: nothing to reach

@@ -4,6 +4,7 @@ workers sharing one study (SQLite on one machine; a real PostgreSQL server as fo
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import pwd
 import shutil
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,9 +21,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fmnist_lightning.errors import UsageError
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.settings_io import resolve_settings
-from fmnist_lightning.space import load_space
+from fmnist_lightning.space import Param, load_space
 from tests.helpers import ROOT, free_port, need, subprocess_env, wait_until
 
 TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "1")
@@ -43,6 +46,10 @@ SPACE = (
         ("dropout_conv: {low: 0.0, high: 1.5}", r"dropout_conv must be in [0, 1), got 1.5"),
         ("optimizer: {choices: [adam, lion]}", "optimizer must be one of adam, adamw, sgd; got 'lion'"),
         ("batch_size: {low: 0, high: 64}", "batch_size must be a positive integer, got 0"),
+        ("batch_size: []", "batch_size: choices must be a non-empty list of values, got []"),
+        ("batch_size: [[64, 128]]", "batch_size: each choice must be a single value, got [64, 128]"),
+        ("batch_size: [64, {low: 1}]", "batch_size: each choice must be a single value, got {'low': 1}"),
+        ("batch_size: [64, 12.5]", "setting 'batch_size' must be of type int, got 12.5 (float)"),
     ],
 )
 def test_a_bad_space_is_one_line_and_exit_2(space: str, message: str, cli, tmp_path: Path) -> None:
@@ -69,6 +76,49 @@ def test_the_shipped_space_and_its_kinds(tmp_path: Path) -> None:
     assert (batch.integer, batch.low, batch.high) == (True, 32, 256)
 
 
+def test_a_plain_list_is_a_choice(tmp_path: Path) -> None:
+    """`batch_size: [64, 128]` is `batch_size: {choices: [64, 128]}`, for numbers and booleans alike."""
+    plain = load_space(_written(tmp_path, "batch_size: [64, 128]\ndropout: [true, false]"), Settings())
+    spelled = "batch_size: {choices: [64, 128]}\ndropout: {choices: [true, false]}"
+    assert plain == load_space(_written(tmp_path, spelled), Settings())
+    assert plain == (Param("batch_size", choices=(64, 128)), Param("dropout", choices=(True, False)))
+
+
+def test_a_space_that_is_no_mapping_shows_both_forms(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as caught:
+        load_space(_written(tmp_path, "- lr"), Settings())
+    assert str(caught.value).endswith("e.g. 'lr: {low: 1e-4, high: 1e-2, log: true}' or 'batch_size: [64, 128]'")
+
+
+def test_study_plots_log_and_warn_nothing_for_numeric_choices(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`batch_size: [64, 128]` is drawn as numbers: matplotlib logs no "categorical units" line (as it
+    did under Optuna's own slice plot, which hands it the choices as strings), and nothing warns."""
+    need("optuna", "tune")
+    import optuna
+
+    from fmnist_lightning.tune import PLOTS, write_plots
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(
+        lambda trial: (
+            0.8
+            + trial.suggest_categorical("batch_size", [64, 128]) / 1000
+            + trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+            + 0.01 * trial.suggest_categorical("dropout", [True, False])
+        ),
+        n_trials=6,
+    )
+    caplog.set_level(logging.INFO)  # the CLI's level
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        written = write_plots(study, tmp_path)
+    assert [p.name for p in written] == list(PLOTS)
+    assert all((tmp_path / name).stat().st_size > 1000 for name in PLOTS)
+    matplotlib_lines = [r.getMessage() for r in caplog.records if r.name.startswith("matplotlib.category")]
+    assert not matplotlib_lines and "categorical units" not in caplog.text, matplotlib_lines
+
+
 def _written(folder: Path, text: str) -> Path:
     path = folder / "space.yaml"
     path.write_text(text + "\n")
@@ -81,9 +131,9 @@ def test_tune_without_the_extra_names_it(cli, tmp_path: Path, monkeypatch: pytes
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
     code, _, err = cli("tune", "--space", _written(tmp_path, SPACE), "--out", tmp_path / "s", *TINY)
-    assert (
-        code == 2 and err.strip() == "error: fmnist tune needs the 'tune' extra: pip install 'fmnist-lightning[tune]'"
-    )
+    assert code == 2 and err.strip() == (
+        "error: fmnist tune needs the 'tune' extra (optuna missing): pip install -e \".[tune]\""
+    ), err
 
 
 def test_failed_trials_are_recorded_and_the_study_goes_on(real_data: None, cli, tmp_path: Path) -> None:

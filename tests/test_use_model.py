@@ -204,8 +204,8 @@ def test_export_usage_errors_and_missing_extra(trained_run: Path, cli, monkeypat
     assert code == 2 and "is a folder" in err
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if the 'export' extra were not installed
     code, _, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "onnx")
-    assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "pip install 'fmnist-lightning[export]'" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "ONNX export needs the 'export' extra (onnxscript missing): pip install -e \".[export]\"" in err
 
     from fmnist_lightning.inference import onnx_logits
 
@@ -242,8 +242,10 @@ def test_onnxruntime_engine_refuses_what_it_cannot_run(trained_run: Path, cli, m
     assert code == 2 and "--eval-engine" in err
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the 'export' extra were not installed
     code, _, err = cli("test", "--ckpt", _ckpt(trained_run), "--offline", "--eval-engine", "onnxruntime")
-    assert code == 1 and len(err.strip().splitlines()) == 1
-    assert "pip install 'fmnist-lightning[export]'" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert (
+        "--eval-engine onnxruntime needs the 'export' extra (onnxruntime missing): pip install -e \".[export]\"" in err
+    )
 
 
 def _open_in_chromium(page: Path, tmp_path: Path) -> dict[str, int]:
