@@ -23,10 +23,10 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import torch
@@ -51,6 +51,8 @@ from fmnist_lightning.settings import TRAIN_IMAGES, BenchConfig, DataSettings, R
 from fmnist_lightning.sources import FILES, locate, read_verified
 from fmnist_lightning.trainers import known_warnings_hidden
 from fmnist_lightning.training import build_datamodule, build_model, build_trainer
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -213,10 +215,33 @@ def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, hw: Hardware, device
     return _result(speed, warm - start, eval_speed, eval_batch, device)
 
 
-def bench_hardware(cfg: BenchConfig) -> Hardware:
-    """The hardware section resolved for one device: every path runs in one process."""
+def bench_hardware(cfg: BenchConfig, precision: str) -> Hardware:
+    """The hardware section resolved for one device in `precision`: every path runs in one process."""
     h = cfg.hardware
-    return resolve_hardware(h.accelerator, devices="1", strategy="auto", precision=h.precision, gpus=h.gpus)
+    return resolve_hardware(h.accelerator, devices="1", strategy="auto", precision=precision, gpus=h.gpus)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One row of the benchmark: a path in one precision."""
+
+    name: str  # the path, or "path@precision" when several precisions are measured
+    path: str
+    hw: Hardware
+
+
+def entries(cfg: BenchConfig) -> list[Entry]:
+    """Every path in every precision (fmnist-fast once: it picks its own precision)."""
+    hws = {p: bench_hardware(cfg, p) for p in cfg.precision}  # UsageError: a GPU asked for, none visible
+    several = len(hws) > 1
+    rows = []
+    for path in cfg.paths:
+        for precision, hw in hws.items():
+            if path == "fmnist-fast" and precision != cfg.precision[0]:
+                continue
+            name = f"{path}@{precision}" if several and path != "fmnist-fast" else path
+            rows.append(Entry(name, path, hw))
+    return rows
 
 
 def bench_fmnist(
@@ -325,18 +350,19 @@ def bench_typical(cfg: BenchConfig, hw: Hardware, workdir: Path, root: Path) -> 
     return timer.result(cfg, cfg.evaluation.eval_batch_size, trainer.strategy.root_device)
 
 
-def round_order(paths: tuple[str, ...], round_index: int) -> tuple[str, ...]:
+def round_order(paths: Sequence[T], round_index: int) -> list[T]:
     """The paths of one round: rotated by the round's index, so over len(paths) rounds every path
     runs first, second, ... once."""
     k = round_index % len(paths)
-    return paths[k:] + paths[:k]
+    return [*paths[k:], *paths[:k]]
 
 
 def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the chosen paths `cfg.repeats` times; return everything measured, with versions and
-    machine, as a dict: per-round results, means +- std per path, and ratios within each round."""
-    hw = bench_hardware(cfg)  # a UsageError when a GPU is asked for but none is visible
-    device = torch.device("cuda" if hw.on_gpu else "cpu")
+    """Run the chosen paths, each in each precision, `cfg.repeats` times; return everything
+    measured, with versions and machine, as a dict: per-round results, means +- std per path, and
+    ratios within each round (between paths, and between precisions of a path)."""
+    rows = entries(cfg)
+    device = torch.device("cuda" if rows[0].hw.on_gpu else "cpu")
     dm = FashionMNISTDataModule.from_settings(cfg.data, cfg.evaluation.eval_batch_size)
     dm.setup()
     rounds: list[dict[str, PathResult]] = []
@@ -346,25 +372,30 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
         torchvision_root = _torchvision_copy(cfg.data.data_dir, workdir / "torchvision") if copy else None
         for r in range(cfg.repeats):
             measured: dict[str, PathResult] = {}
-            for path in round_order(cfg.paths, r):
+            for row in round_order(rows, r):
                 if on_path:
-                    on_path(path if cfg.repeats == 1 else f"{path} (round {r + 1} of {cfg.repeats})")
+                    on_path(row.name if cfg.repeats == 1 else f"{row.name} (round {r + 1} of {cfg.repeats})")
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                measured[path] = _bench_path(path, cfg, dm, hw, device, workdir / f"round-{r + 1}", torchvision_root)
+                folder = workdir / f"round-{r + 1}"
+                measured[row.name] = _bench_path(row.path, cfg, dm, row.hw, device, folder, torchvision_root)
                 # A finished Trainer and its data are reference cycles: free them now, not whenever
                 # the cyclic collector next runs, so later paths' peak memory does not include them.
                 gc.collect()
             rounds.append(measured)
-    per_round_ratios = [_ratios(m) for m in rounds]
+    per_round_ratios = [_ratios(m, cfg.precision) for m in rounds]
     ratio_names = per_round_ratios[0].keys()
     return {
         "config": cfg.flat(json=True),
-        "resolved": {"device": device.type, "precision": hw.precision},  # what "auto" became here
+        # What each asked-for precision ("auto" too) became here, and why.
+        "resolved": {
+            "device": device.type,
+            "precision": {p: bench_hardware(cfg, p).precision_described for p in cfg.precision},
+        },
         "machine": _machine(device),
         "versions": provenance(),
         "date": time.strftime("%Y-%m-%d"),
-        "results": {path: _summary([m[path] for m in rounds]) for path in cfg.paths},
+        "results": {row.name: _summary([m[row.name] for m in rounds]) for row in rows},
         "ratios": {name: statistics.fmean(r[name] for r in per_round_ratios) for name in ratio_names},
         "ratios_std": {name: _std([r[name] for r in per_round_ratios]) for name in ratio_names},
         # Robust to the rounds a neighbour on a shared machine slowed one path down.
@@ -412,14 +443,26 @@ def _summary(runs: list[PathResult]) -> dict[str, Any]:
     return summary
 
 
-def _ratios(results: dict[str, PathResult]) -> dict[str, float]:
+def _ratios(results: dict[str, PathResult], precisions: Sequence[str]) -> dict[str, float]:
+    """Speed ratios within one round: the project's paths over the baselines (in the same
+    precision), and each path in each further precision over the first."""
     ratios = {}
-    for top in ("fmnist", "fmnist-fast"):
+
+    def ratio(name: str, top: str, base: str) -> None:
+        if top in results and base in results:
+            a, b = results[top], results[base]
+            ratios[f"{name} train"] = a.train_images_per_s / b.train_images_per_s
+            ratios[f"{name} eval"] = a.eval_images_per_s / b.eval_images_per_s
+
+    at = {p: (f"@{p}" if len(precisions) > 1 else "") for p in precisions}
+    for p in precisions:
         for base in ("raw", "typical"):
-            if top in results and base in results:
-                a, b = results[top], results[base]
-                ratios[f"{top}/{base} train"] = a.train_images_per_s / b.train_images_per_s
-                ratios[f"{top}/{base} eval"] = a.eval_images_per_s / b.eval_images_per_s
+            ratio(f"fmnist/{base}{at[p]}", f"fmnist{at[p]}", f"{base}{at[p]}")
+            ratio(f"fmnist-fast/{base}{at[p]}", "fmnist-fast", f"{base}{at[p]}")
+    first = precisions[0]
+    for p in precisions[1:]:
+        for path in ("raw", "fmnist", "typical"):
+            ratio(f"{path} {p}/{first}", f"{path}{at[p]}", f"{path}{at[first]}")
     return ratios
 
 

@@ -133,8 +133,8 @@ class SaveConfig(Callback):
     """Writes the run's config.yaml once training really starts (after a resume has loaded), so a
     command that fails before then leaves the folder as it was."""
 
-    def __init__(self, path: Path, settings: Settings) -> None:
-        self.path, self.settings = path, settings
+    def __init__(self, path: Path, settings: Settings, precision: str = "") -> None:
+        self.path, self.settings, self.precision = path, settings, precision  # precision: what and why
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Under torchrun, record every node's agent: a process one of them restarts knows by this
@@ -142,7 +142,8 @@ class SaveConfig(Callback):
         agents = gather_objects(torchrun_agent())
         if trainer.is_global_zero:
             launched = {"torchrun_agents": sorted(set(agents))} if None not in agents else {}
-            save_yaml(self.settings, self.path, {**provenance(), **run_environment(trainer), **launched})
+            chosen = {"precision": self.precision} if self.precision else {}
+            save_yaml(self.settings, self.path, {**provenance(), **run_environment(trainer), **chosen, **launched})
 
 
 class SeedRanks(Callback):

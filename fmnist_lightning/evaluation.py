@@ -87,7 +87,10 @@ def evaluate(ckpt: Path, s: EvaluationRun) -> TestResults:
     layout the model was trained in (same arithmetic in another memory order; `tests/test_model.py`
     checks agreement). `onnxruntime` exports the network and runs it there (CPU, fp32).
     """
-    hw = hardware_for(s.hardware)
+    hardware = s.hardware
+    if s.evaluation.eval_engine == "onnxruntime" and hardware.precision == "auto":
+        hardware = hardware.model_copy(update={"precision": "32-true"})  # what that engine runs: auto picks it
+    hw = hardware_for(hardware)
     model = load_classifier(ckpt).to_channels_last()
     model.flip_tta = s.evaluation.tta
     datamodule = FashionMNISTDataModule.from_settings(s.data, s.evaluation.eval_batch_size)

@@ -104,6 +104,12 @@ class Hardware:
     strategy: str
     precision: str
     num_nodes: int = 1
+    precision_why: str = "asked for"  # how `precision` was chosen, in a few words
+
+    @property
+    def precision_described(self) -> str:
+        """e.g. "bf16-mixed (the CPU has avx512_bf16)": for config.yaml, the fit summary and bench."""
+        return f"{self.precision} ({self.precision_why})"
 
     @property
     def on_gpu(self) -> bool:
@@ -128,13 +134,37 @@ def _parse_devices(devices: str) -> int | list[int] | str:
     return int(devices)
 
 
+CPU_INFO = Path("/proc/cpuinfo")  # Linux; elsewhere the flags are unknown and the CPU stays on fp32
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matrix units / instructions
+
+
+def cpu_bf16_flag(cpuinfo: Path | None = None) -> str | None:
+    """The CPU's native-bf16 flag (amx_bf16 or avx512_bf16), or None: without one, PyTorch emulates
+    bf16 on the CPU (AVX-512 alone included), which is slower than fp32."""
+    try:
+        text = (cpuinfo or CPU_INFO).read_text()
+    except OSError:
+        return None
+    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)
+
+
 def cpu_supports_bf16() -> bool:
     """Whether the CPU has native bf16 instructions (else bf16 autocast is emulated and slower)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return cpu_bf16_flag() is not None
+
+
+def auto_precision(on_gpu: bool) -> tuple[str, str]:
+    """What `--precision auto` picks, and why, in a few words.
+
+    GPUs: bf16-mixed where native, else 16-mixed. CPUs: bf16-mixed where the CPU has native bf16
+    (docs/RESULTS.md measures its accuracy against fp32 and its speed), else 32-true."""
+    if on_gpu:
+        return (
+            ("bf16-mixed", "the GPU has native bf16") if gpu_supports_bf16() else ("16-mixed", "the GPU emulates bf16")
+        )
+    flag = cpu_bf16_flag()
+    return ("bf16-mixed", f"the CPU has {flag}") if flag else ("32-true", "the CPU has no native bf16")
 
 
 def gpu_supports_bf16() -> bool:
@@ -178,13 +208,14 @@ def resolve_hardware(
     if strategy == "auto":
         strategy = "ddp" if n * num_nodes > 1 else "auto"
     on_gpu = accelerator == "gpu"
+    why = "asked for"
     if precision == "auto":
-        precision = ("bf16-mixed" if gpu_supports_bf16() else "16-mixed") if on_gpu else "32-true"
+        precision, why = auto_precision(on_gpu)
     if precision == "16-mixed" and not on_gpu:
         raise UsageError("precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
     if precision == "bf16-mixed" and on_gpu and not gpu_supports_bf16():
         raise UsageError("this GPU cannot do bf16-mixed natively; use --precision 16-mixed or 32-true")
-    return Hardware(accelerator, count, strategy, precision, num_nodes)
+    return Hardware(accelerator, count, strategy, precision, num_nodes, why)
 
 
 def hardware_for(h: HardwareSettings) -> Hardware:

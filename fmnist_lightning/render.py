@@ -62,6 +62,7 @@ def fit_summary(result: Any) -> None:
         )
     table.add_row("best val accuracy", f"{result.best_val_acc:.4f}")
     table.add_row("best checkpoint", str(result.best_checkpoint))
+    table.add_row("precision", result.precision)
     table.add_row("wall time", f"{result.wall_time_s:.1f} s")
     table.add_row("training speed", f"{result.images_per_s:,.0f} images/s")
     table.add_row("peak memory (RSS)", f"{result.peak_rss_mb:,.0f} MB")
@@ -131,7 +132,8 @@ def bench(result: Mapping[str, Any]) -> None:
     rounds = cfg["repeats"]
     title = (
         f"{resolved['device']} ({machine.get('gpu') or machine['cpu']}, {machine['cpu_threads']} threads), "
-        f"{resolved['precision']}, batch {cfg['batch_size']}, {cfg['steps']} steps after {cfg['warmup_steps']} warm-up"
+        f"{', '.join(resolved['precision'].values())}, batch {cfg['batch_size']}, "
+        f"{cfg['steps']} steps after {cfg['warmup_steps']} warm-up"
         f"{f', mean +- std of {rounds} rounds' if rounds > 1 else ''}; "
         f"torch {result['versions']['torch']}, lightning {result['versions']['lightning']}"
     )

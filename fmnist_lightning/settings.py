@@ -58,6 +58,7 @@ def _comma_list(value: Any) -> Any:
 
 
 Logger = Literal["csv", "tensorboard", "mlflow"]
+Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed"]
 
 
 class StrictModel(BaseModel):
@@ -99,7 +100,9 @@ class Sectioned(StrictModel):
 
     @classmethod
     def flat_fields(cls) -> dict[str, FlatField]:
-        """Every setting by its flat name, in declaration order."""
+        """Every setting by its flat name, in declaration order. A field of the composed model
+        itself shadows a section's field of the same name (`BenchConfig.precision`, a list)."""
+        own = {name: info for name, info in cls.model_fields.items() if name not in cls.sections()}
         fields: dict[str, FlatField] = {}
         for name, info in cls.model_fields.items():
             section = cls.sections().get(name)
@@ -108,7 +111,8 @@ class Sectioned(StrictModel):
                 continue
             defaults = info.get_default(call_default_factory=True)
             for key, sub in section.model_fields.items():
-                fields[key] = FlatField(key, name, sub, getattr(defaults, key))
+                if key not in own:
+                    fields[key] = FlatField(key, name, sub, getattr(defaults, key))
         return fields
 
     @model_validator(mode="before")
@@ -222,10 +226,10 @@ class HardwareSettings(Section):
     num_nodes: int = Field(
         1, ge=1, description="Number of machines (torchrun or SLURM launches one process per device)."
     )
-    precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed"] = Field(
+    precision: Precision = Field(
         "auto",
-        description="Numeric precision. auto: bf16-mixed on GPUs that support it, 16-mixed on other GPUs, "
-        "32-true on the CPU.",
+        description="Numeric precision. auto: bf16-mixed on GPUs that do bf16 natively, 16-mixed on other GPUs; "
+        "on the CPU bf16-mixed where it has native bf16 (avx512_bf16 or amx_bf16), else 32-true.",
     )
 
     @field_validator("devices")
@@ -401,7 +405,7 @@ class BenchConfig(Sectioned):
     uses) and evaluation batches of 1000. The network is the tutorial CNN without dropout.
     """
 
-    hardware: HardwareSettings = HardwareSettings()
+    hardware: HardwareSettings = HardwareSettings()  # its precision: each of `precision` in turn
     model: ModelSettings = ModelSettings(dropout=False, channels_last=False)
     optimisation: OptimisationSettings = OptimisationSettings()
     data: DataSettings = DataSettings(offline=True)
@@ -422,6 +426,12 @@ class BenchConfig(Sectioned):
         "mean +- std over the rounds (ratios are taken within each round).",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed of every path.")
+    precision: Annotated[tuple[Precision, ...], BeforeValidator(_comma_list)] = Field(
+        ("auto",),
+        min_length=1,
+        description="Comma-separated precisions, each path measured in each (fmnist-fast picks its own): auto, "
+        "32-true, bf16-mixed, 16-mixed (GPU). With two, each path's speed ratio between them (median of the rounds).",
+    )
 
     @classmethod
     def _prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -441,11 +451,10 @@ class BenchConfig(Sectioned):
         return data
 
 
-# The options of `fmnist bench`: its own fields, and what it takes of the sections it embeds (the
-# rest, a second process or another network, is not what it measures).
+# The options of `fmnist bench`: what it takes of the sections it embeds (the rest, a second process
+# or another network, is not what it measures), and its own fields (`precision` among them: a list).
 BENCH_OPTIONS = (
     "accelerator",
-    "precision",
     "channels_last",
     "compile",
     "batch_size",

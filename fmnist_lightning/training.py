@@ -132,7 +132,7 @@ def build_trainer(
         SeedRanks(s.run.seed),
         checkpoint,
         *_periodic_last(s.run.checkpoint_every_n_steps, run_dir),
-        SaveConfig(run_dir / CONFIG, s),
+        SaveConfig(run_dir / CONFIG, s, hw.precision_described),
         EpochMetricsCSV(run_dir / METRICS),
         # Before GracefulInterrupt: a step's update of the averaged weights must be in the
         # checkpoint that a signal saves at the end of that step.
@@ -173,6 +173,7 @@ def _periodic_last(every_n_steps: int, run_dir: Path) -> list[Callback]:
 class FitResult:
     run_dir: Path
     best_checkpoint: Path
+    precision: str  # what it trained in, and why (e.g. "bf16-mixed (the CPU has avx512_bf16)")
     best_epoch: int
     best_val_acc: float
     epochs: int
@@ -301,6 +302,7 @@ def _train(
     return FitResult(
         run_dir=run_dir,
         best_checkpoint=run_dir / BEST_CHECKPOINT,
+        precision=hw.precision_described,
         best_epoch=int(best.get("epoch", 0)),
         best_val_acc=float(best.get("val/acc", float("nan"))),
         epochs=len(rows),

@@ -91,9 +91,12 @@ def test_asking_for_a_gpu_without_one_is_a_usage_error(cli, tmp_path: Path) -> N
     assert not (tmp_path / "run").exists()
 
 
-def test_hardware_resolution() -> None:
+def test_hardware_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fmnist_lightning import hardware
     from fmnist_lightning.errors import UsageError
     from fmnist_lightning.hardware import resolve_hardware
+
+    monkeypatch.setattr(hardware, "CPU_INFO", tmp_path / "no-cpuinfo")  # a CPU without native bf16 (test_bf16.py)
 
     def resolve(accelerator: str = "auto", devices: str = "auto", precision: str = "auto", **kw: object):
         return resolve_hardware(accelerator, devices, "auto", precision, **kw)  # type: ignore[arg-type]

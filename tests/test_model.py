@@ -173,7 +173,8 @@ def test_tta_averages_each_test_image_with_its_mirror(trained_run: Path, datamod
     its horizontal mirror, and report.json says so."""
     out = tmp_path / "tta"
     ckpt = trained_run / "checkpoints" / "best.ckpt"
-    code, stdout, err = cli("test", "--ckpt", ckpt, "--offline", "--tta", "--out", out)
+    # In fp32, as the model runs below (`auto` may pick bf16-mixed on this CPU).
+    code, stdout, err = cli("test", "--ckpt", ckpt, "--offline", "--tta", "--out", out, "--precision", "32-true")
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["tta"] is True and report["num_samples"] == 10000

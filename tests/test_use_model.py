@@ -51,7 +51,9 @@ def reported_run(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
     stdout, stderr = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch, redirect_stdout(stdout), redirect_stderr(stderr):
         patch.setenv("COLUMNS", "240")
-        patch.setattr(sys, "argv", ["fmnist", "report", str(run), "--offline", "--accelerator", "cpu"])
+        # fp32, as `predict` runs the model (`auto` may pick bf16-mixed on this CPU): the two must agree.
+        argv = ["fmnist", "report", str(run), "--offline", "--accelerator", "cpu", "--precision", "32-true"]
+        patch.setattr(sys, "argv", argv)
         with pytest.raises(SystemExit) as exit_info:
             main()
     assert exit_info.value.code == 0, stderr.getvalue()
