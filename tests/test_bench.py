@@ -23,17 +23,52 @@ def _result(train: float, evaluation: float) -> PathResult:
 def test_rounds_rotate_so_every_path_takes_every_position() -> None:
     paths = ("raw", "fmnist", "typical")
     orders = [round_order(paths, r) for r in range(3)]
-    assert orders == [("raw", "fmnist", "typical"), ("fmnist", "typical", "raw"), ("typical", "raw", "fmnist")]
+    assert orders == [["raw", "fmnist", "typical"], ["fmnist", "typical", "raw"], ["typical", "raw", "fmnist"]]
     for position in range(3):
         assert {order[position] for order in orders} == set(paths)
 
 
 def test_ratios_are_taken_within_a_round() -> None:
-    ratios = _ratios({"raw": _result(2000, 3000), "fmnist": _result(1900, 3300), "typical": _result(1000, 1500)})
+    ratios = _ratios(
+        {"raw": _result(2000, 3000), "fmnist": _result(1900, 3300), "typical": _result(1000, 1500)}, ["auto"]
+    )
     assert ratios["fmnist/raw train"] == pytest.approx(0.95)
     assert ratios["fmnist/raw eval"] == pytest.approx(1.1)
     assert ratios["fmnist/typical train"] == pytest.approx(1.9)
     assert "fmnist-fast/raw train" not in ratios
+
+
+def test_with_two_precisions_each_path_gets_its_ratio_between_them() -> None:
+    results = {
+        "raw@32-true": _result(2000, 3000),
+        "raw@bf16-mixed": _result(3000, 4500),
+        "fmnist@32-true": _result(1800, 3000),
+        "fmnist@bf16-mixed": _result(2700, 4200),
+        "fmnist-fast": _result(4000, 9000),
+    }
+    ratios = _ratios(results, ["32-true", "bf16-mixed"])
+    assert ratios["raw bf16-mixed/32-true train"] == pytest.approx(1.5)
+    assert ratios["fmnist bf16-mixed/32-true eval"] == pytest.approx(1.4)
+    assert ratios["fmnist/raw@bf16-mixed train"] == pytest.approx(0.9)  # paths compared within a precision
+    assert ratios["fmnist-fast/raw@32-true train"] == pytest.approx(2.0)
+    assert "typical bf16-mixed/32-true train" not in ratios
+
+
+def test_a_precision_list_measures_every_path_in_each(real_data: None, cli, tmp_path) -> None:
+    import json
+
+    out = tmp_path / "bench.json"
+    code, stdout, err = cli(
+        "bench", "--paths", "raw,fmnist", "--precision", "32-true,bf16-mixed", "--steps", "2", "--warmup-steps", "1",
+        "--repeats", "2", "--json", out,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert list(result["results"]) == ["raw@32-true", "raw@bf16-mixed", "fmnist@32-true", "fmnist@bf16-mixed"]
+    assert result["resolved"]["precision"] == {"32-true": "32-true (asked for)", "bf16-mixed": "bf16-mixed (asked for)"}
+    assert len(result["ratios_per_round"]["raw bf16-mixed/32-true train"]) == 2
+    assert result["ratios_median"]["fmnist bf16-mixed/32-true eval"] > 0
+    assert "raw bf16-mixed/32-true train" in stdout
 
 
 def test_summary_is_the_mean_with_the_spread_of_the_rounds() -> None:
