@@ -47,6 +47,7 @@ def test_auto_precision_on_the_cpu_follows_native_bf16(
     if flags is not None:
         cpuinfo.write_text(CPUINFO.format(extra=flags) * 2)
     monkeypatch.setattr(hardware, "CPU_INFO", cpuinfo)
+    monkeypatch.setattr(hardware, "CPU_BF16_BY_DEFAULT", True)
     hw = resolve_hardware("cpu", "auto", "auto", "auto")
     assert (hw.precision, hw.precision_why) == (precision, why)
     assert hw.precision_described == f"{precision} ({why})"
@@ -55,10 +56,24 @@ def test_auto_precision_on_the_cpu_follows_native_bf16(
         assert resolve_hardware("cpu", "auto", "auto", asked).precision_described == f"{asked} (asked for)"
 
 
+def test_until_parity_is_shown_a_bf16_cpu_stays_on_fp32_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(CPUINFO.format(extra="avx512f avx512_bf16"))
+    monkeypatch.setattr(hardware, "CPU_INFO", cpuinfo)
+    monkeypatch.setattr(hardware, "CPU_BF16_BY_DEFAULT", False)
+    hw = resolve_hardware("cpu", "auto", "auto", "auto")
+    assert hw.precision_described == (
+        "32-true (the CPU has avx512_bf16, but bf16's accuracy is not yet shown equal to fp32's)"
+    )
+
+
 def test_a_flag_named_in_another_line_does_not_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("model name\t: avx512_bf16 marketing name\nflags\t\t: avx2\n")
     monkeypatch.setattr(hardware, "CPU_INFO", cpuinfo)
+    monkeypatch.setattr(hardware, "CPU_BF16_BY_DEFAULT", True)
     assert resolve_hardware("cpu", "auto", "auto", "auto").precision == "32-true"
 
 
