@@ -17,6 +17,7 @@ from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import DataError
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.sources import SYSTEM_DATA_DIR, locate
+from tests.helpers import tiny_settings
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -54,16 +55,7 @@ def trained_run(real_data: None, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from fmnist_lightning.training import run_fit
 
     out = tmp_path_factory.mktemp("trained") / "run"
-    s = Settings(
-        max_epochs=2,
-        limit_train_batches=30,
-        limit_val_batches=2,
-        offline=True,
-        progress=False,
-        accelerator="cpu",
-        dropout=False,
-    )
-    run_fit(s, out=out)
+    run_fit(tiny_settings(dropout=False), out=out)
     return out
 
 

@@ -21,6 +21,12 @@ def is_png(path: Path) -> bool:
     return True
 
 
+def tiny_settings(**changes: Any) -> Settings:
+    """A run of a few seconds on the CPU with the real data: two short epochs, no progress bar."""
+    base = dict(max_epochs=2, limit_train_batches=30, limit_val_batches=2, offline=True, progress=False)
+    return Settings(**{**base, "accelerator": "cpu", **changes})
+
+
 def classifier(input_mean: float = 0.0, input_std: float = 1.0, **settings: Any) -> Any:
     """A FashionClassifier built as `fmnist fit` builds it, from settings (defaults unless given)."""
     from fmnist_lightning.model import FashionClassifier

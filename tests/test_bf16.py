@@ -21,9 +21,8 @@ import yaml
 from fmnist_lightning import hardware
 from fmnist_lightning.errors import TrainingInterrupted
 from fmnist_lightning.hardware import resolve_hardware
-from fmnist_lightning.settings import Settings
 from fmnist_lightning.training import run_fit
-from tests.helpers import is_png
+from tests.helpers import is_png, tiny_settings
 from tests.test_resume import METRICS, SignalAt, _metrics, _weights
 
 CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 {extra}\n\n"
@@ -77,23 +76,13 @@ def test_a_flag_named_in_another_line_does_not_count(tmp_path: Path, monkeypatch
     assert resolve_hardware("cpu", "auto", "auto", "auto").precision == "32-true"
 
 
-BF16 = dict(
-    max_epochs=2,
-    batch_size=64,
-    limit_train_batches=12,
-    limit_val_batches=2,
-    offline=True,
-    progress=False,
-    accelerator="cpu",
-    precision="bf16-mixed",
-    logger=("csv",),
-)
+BF16 = dict(batch_size=64, limit_train_batches=12, precision="bf16-mixed", logger=("csv",))
 
 
 @pytest.fixture(scope="module")
 def bf16_run(real_data: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bf16") / "run"
-    run_fit(Settings(**BF16), out=out)
+    run_fit(tiny_settings(**BF16), out=out)
     return out
 
 
@@ -133,7 +122,7 @@ def test_export_of_a_bf16_checkpoint_agrees_with_pytorch(bf16_run: Path, cli, tm
 
 
 def test_bf16_with_weight_averaging_validates_and_checkpoints_the_average(real_data: None, tmp_path: Path) -> None:
-    result = run_fit(Settings(**{**BF16, "weight_averaging": "ema", "ema_decay": 0.9}), out=tmp_path / "ema")
+    result = run_fit(tiny_settings(**BF16, weight_averaging="ema", ema_decay=0.9), out=tmp_path / "ema")
     assert result.epochs == 2 and 0.5 < result.best_val_acc <= 1.0
     state = torch.load(result.best_checkpoint, weights_only=True)["state_dict"]
     weights = [t for k, t in state.items() if k.startswith("net.") and t.is_floating_point()]
@@ -143,7 +132,7 @@ def test_bf16_with_weight_averaging_validates_and_checkpoints_the_average(real_d
 @pytest.mark.slow
 def test_an_interrupted_bf16_run_resumes_exactly(real_data: None, tmp_path: Path) -> None:
     """Ctrl-C in epoch 1, then --resume: bf16 autocast changes nothing of what a resume restores."""
-    s = Settings(**{**BF16, "augment": True, "seed": 5, "deterministic": True})
+    s = tiny_settings(**BF16, augment=True, seed=5, deterministic=True)
     run_fit(s, out=tmp_path / "straight")
     with pytest.raises(TrainingInterrupted):
         run_fit(s, out=tmp_path / "cut", extra_callbacks=[SignalAt(0, 6, signal.SIGINT)])
