@@ -218,8 +218,10 @@ class FashionAPI(ls.LitAPI):
     def setup(self, device: str) -> None:
         # Ctrl-C reaches every process of the terminal's group: the main process stops the workers.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if self.options.engine == "torch" and self.options.accelerator == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, self.options.workers)))
+        # One thread per worker: the HTTP process decodes images on the other cores. Two torch threads
+        # on a 2-core machine spin-wait against it (measured: 602 req/s with 32 clients and a p99 of
+        # several hundred ms, against 800+ req/s with one thread).
+        torch.set_num_threads(1)
         self.model = load_serving_model(self.options)
 
     def decode_request(self, request: Annotated[dict, Depends(read_image_request)], context: dict) -> torch.Tensor:

@@ -226,7 +226,7 @@ def _chromium_upload(url: str, image: Path, screenshot: Path, profile: Path) -> 
     browser = subprocess.Popen(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
          "--disable-background-networking", "--disable-component-update", "--remote-debugging-port=0",
-         f"--user-data-dir={profile}", "--window-size=900,640", "about:blank"],
+         f"--user-data-dir={profile}", "--window-size=900,800", "about:blank"],
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
