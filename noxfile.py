@@ -16,7 +16,9 @@ PYPROJECT = nox.project.load_toml("pyproject.toml")
 @nox.session
 def tests(session: nox.Session) -> None:
     """The whole test suite on the real Fashion-MNIST (pass `-- -m "not slow"` to skip slow tests)."""
-    session.install("-e", ".[tensorboard,export,tracking,tune]", *nox.project.dependency_groups(PYPROJECT, "test"))
+    session.install(
+        "-e", ".[tensorboard,export,tracking,tune,serve]", *nox.project.dependency_groups(PYPROJECT, "test")
+    )
     session.run("pytest", *session.posargs, env={"PYTHONUNBUFFERED": "1"})
 
 

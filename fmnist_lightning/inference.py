@@ -8,6 +8,7 @@ black while product photos show them on white.
 
 from __future__ import annotations
 
+import io
 import logging
 import tempfile
 import warnings
@@ -72,22 +73,28 @@ def image_paths(inputs: Sequence[Path]) -> tuple[list[Path], list[ImageError]]:
     return paths, problems
 
 
-def read_grayscale(path: Path) -> np.ndarray:
+ImageSource = Path | bytes  # a file, or an image file's bytes (an upload to `fmnist serve`)
+
+
+def read_grayscale(source: ImageSource, name: str | None = None) -> np.ndarray:
     """The image as uint8 gray levels (H, W); transparent parts count as a white background.
 
-    Images over MAX_MEGAPIXELS are refused from their header alone (Image.open reads no pixels):
-    decoding a 12000x12000 PNG takes gigabytes for a picture that ends up 28x28.
+    `source` is a file or the bytes of one (what `fmnist serve` receives); errors name it `name`
+    (default: the path, or "the image" for bytes). Images over MAX_MEGAPIXELS are refused from their
+    header alone (Image.open reads no pixels): decoding a 12000x12000 PNG takes gigabytes for a
+    picture that ends up 28x28.
     """
+    label = name or (str(source) if isinstance(source, Path) else "the image")
     try:
         with warnings.catch_warnings():
             # Pillow warns from 89 megapixels on; we refuse well below that, in our own words.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(path)
+            opened = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         with opened:
             width, height = opened.size
             if width * height > MAX_MEGAPIXELS * 1e6:
                 raise ImageError(
-                    f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, more than the "
+                    f"{label}: {width}x{height} is {width * height / 1e6:.0f} megapixels, more than the "
                     f"{MAX_MEGAPIXELS} this tool reads; scale it down first"
                 )
             image = ImageOps.exif_transpose(opened)  # photos taken sideways, as the camera meant them
@@ -96,14 +103,14 @@ def read_grayscale(path: Path) -> np.ndarray:
                 image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
             return np.asarray(image.convert("L"))
     except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image (Pillow cannot identify it)") from None
+        raise ImageError(f"{label}: not an image (Pillow cannot identify it)") from None
     except Image.DecompressionBombError:  # Pillow refuses to open it at all (over 179 megapixels)
         raise ImageError(
-            f"{path}: far more than the {MAX_MEGAPIXELS} megapixels this tool reads (Pillow refuses to open it); "
+            f"{label}: far more than the {MAX_MEGAPIXELS} megapixels this tool reads (Pillow refuses to open it); "
             "scale it down first"
         ) from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{path}: unreadable image ({exc})") from None
+        raise ImageError(f"{label}: unreadable image ({exc})") from None
 
 
 def fashion_mnist_style(gray: np.ndarray, invert: bool = True) -> np.ndarray:
@@ -133,10 +140,26 @@ def fashion_mnist_style(gray: np.ndarray, invert: bool = True) -> np.ndarray:
     return np.asarray(canvas)
 
 
-def load_image(path: Path, invert: bool = True) -> torch.Tensor:
-    """One image file as the model's input: float (1, 28, 28) in [0, 1]."""
-    pixels = fashion_mnist_style(read_grayscale(path), invert)
+def model_pixels(source: ImageSource, invert: bool = True, name: str | None = None) -> np.ndarray:
+    """An image file (or its bytes) as the model sees it: uint8 (28, 28), Fashion-MNIST style.
+    The one preprocessing of `fmnist predict` and `fmnist serve`."""
+    return fashion_mnist_style(read_grayscale(source, name), invert)
+
+
+def pixels_to_input(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (28, 28) -> the model's input, float (1, 28, 28) in [0, 1]."""
     return to_float_images(torch.from_numpy(pixels.copy()).unsqueeze(0))[0]
+
+
+def load_image(source: ImageSource, invert: bool = True, name: str | None = None) -> torch.Tensor:
+    """One image file (or its bytes) as the model's input: float (1, 28, 28) in [0, 1]."""
+    return pixels_to_input(model_pixels(source, invert, name))
+
+
+def class_probabilities(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Softmax probabilities (B, 10) on the CPU, in fp32, for inputs (B, 1, 28, 28) on the model's device."""
+    with torch.inference_mode():
+        return model(batch).float().softmax(dim=1).cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,9 +192,7 @@ def predict_images(
             except ImageError as exc:
                 outcomes.append(exc)
         if images:
-            with torch.inference_mode():
-                batch = torch.stack(list(images.values())).to(device)
-                probabilities = model(batch).float().softmax(dim=1).cpu()
+            probabilities = class_probabilities(model, torch.stack(list(images.values())).to(device))
             for position, p in zip(images, probabilities):
                 outcomes[position] = Prediction(chunk[position], p)
         yield from (outcome for outcome in outcomes if outcome is not None)

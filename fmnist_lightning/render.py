@@ -238,3 +238,29 @@ def _param_text(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}"
     return "" if value is None else str(value)
+
+
+def serving(options: Any) -> None:
+    """What `fmnist serve` is about to serve, where, and whether it is open (a ServeOptions)."""
+    host = f"[{options.host}]" if ":" in options.host else options.host
+    batching = (
+        f"batches of up to {options.max_batch_size} requests within {1000 * options.batch_timeout:g} ms"
+        if options.max_batch_size > 1
+        else "no batching"
+    )
+    err_console.print(
+        f"serving {escape(str(options.ckpt))} at http://{host}:{options.port}/ ({options.engine} on "
+        f"{options.accelerator}, {options.workers} worker{'s' * (options.workers > 1)}, {batching}, uploads up to "
+        f"{options.max_upload_mb:g} MB); Ctrl-C stops it",
+        highlight=False,
+        soft_wrap=True,
+    )
+    if options.api_key is None:
+        err_console.print(
+            f"open: no API key, anyone who can reach {host}:{options.port} can use it "
+            "(--api-key or FMNIST_SERVE_API_KEY requires one)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        err_console.print("requests need the API key in their X-API-Key header", highlight=False)
