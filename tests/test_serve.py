@@ -337,8 +337,9 @@ def model_probabilities(ckpt: Path, image: Path) -> list[float]:
     return class_probabilities(load_classifier(ckpt), load_image(image).unsqueeze(0))[0].tolist()
 
 
-def test_averaged_checkpoints_serve_as_predict_reads_them(tmp_path: Path, real_data: None) -> None:
-    """EMA and SWA checkpoints hold the averaged weights; the server loads them as `predict` does."""
+def test_averaged_and_bf16_checkpoints_serve_as_predict_reads_them(tmp_path: Path, real_data: None) -> None:
+    """EMA and SWA checkpoints hold the averaged weights, a bf16-mixed run fp32 weights; the server
+    loads each as `predict` does."""
     import torch
 
     from fmnist_lightning.serve import FashionAPI, ServeOptions
@@ -346,10 +347,11 @@ def test_averaged_checkpoints_serve_as_predict_reads_them(tmp_path: Path, real_d
     from fmnist_lightning.training import run_fit
 
     need("litserve", "serve")
-    for averaging in ("ema", "swa"):
-        out = tmp_path / averaging
+    for averaging, precision in (("ema", "32-true"), ("swa", "32-true"), ("none", "bf16-mixed")):
+        out = tmp_path / f"{averaging}-{precision}"
         s = Settings(max_epochs=2, limit_train_batches=3, limit_val_batches=1, offline=True, progress=False,
-                     accelerator="cpu", weight_averaging=averaging, swa_start=0.3, logger=("csv",))  # fmt: skip
+                     accelerator="cpu", weight_averaging=averaging, swa_start=0.3, logger=("csv",),
+                     precision=precision)  # fmt: skip
         run_fit(s, out=out)
         api = FashionAPI(ServeOptions(ckpt=_ckpt(out)))
         api.setup("cpu")
@@ -358,7 +360,7 @@ def test_averaged_checkpoints_serve_as_predict_reads_them(tmp_path: Path, real_d
         served = api.encode_response(api.predict(api.batch([x]), [context])[0], context)
         expected = model_probabilities(_ckpt(out), SHIPPED / "pullover_on_white.png")
         by_class = sorted(served["top_k"], key=lambda c: c["class_index"])
-        assert [c["probability"] for c in by_class] == pytest.approx(expected, abs=1e-5), averaging
+        assert [c["probability"] for c in by_class] == pytest.approx(expected, abs=1e-5), (averaging, precision)
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # setup() set it for a worker process
 
 
