@@ -130,7 +130,8 @@ class _StepTimer(Callback):
         self.test_end = time.perf_counter()
 
     def result(self, cfg: BenchConfig, eval_batch_size: int, device: torch.device) -> PathResult:
-        assert self.steps == self.total, f"measured {self.steps} steps, not {self.total}"
+        if self.steps != self.total:  # not an assert: `python -O` would drop it, and report a wrong speed
+            raise RuntimeError(f"the step timer counted {self.steps} training steps, not {self.total}")
         speed = cfg.steps * cfg.optimisation.batch_size / (self.end - self.warm_end)
         return _result(
             speed, self.warm_end - self.start, 10000 / (self.test_end - self.test_start), eval_batch_size, device

@@ -1,6 +1,13 @@
-"""The benchmark's arithmetic: round order, per-round ratios and their summary, on made-up results."""
+"""The benchmark's arithmetic: round order, per-round ratios and their summary, on made-up results;
+and its step timer, which must time exactly the steps asked for."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,13 +85,59 @@ def test_summary_is_the_mean_with_the_spread_of_the_rounds() -> None:
     assert summary["rounds"] == 2 and summary["peak_rss_mb"] == 100.0
 
 
-@pytest.mark.slow
-def test_steps_past_one_epoch_are_measured_exactly(real_data: None, cli, tmp_path) -> None:
-    """Batch 8192 gives 6 full batches an epoch: 7 steps span two epochs, and all are measured."""
-    import json
+def test_a_miscounted_timing_is_an_error_even_under_python_O() -> None:
+    """The timer's check is a real one: `python -O`, which strips asserts, still raises it."""
+    code = (
+        "import types, torch\n"
+        "from fmnist_lightning.bench import _StepTimer\n"
+        "cfg = types.SimpleNamespace(warmup_steps=1, steps=6, optimisation=types.SimpleNamespace(batch_size=8192))\n"
+        "timer = _StepTimer(cfg)\n"
+        "timer.steps = 6  # the fit ended one step early\n"
+        "timer.result(cfg, 2500, torch.device('cpu'))\n"
+    )
+    done = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "RuntimeError: the step timer counted 6 training steps, not 7" in done.stderr, done.stderr[-3000:]
 
+
+@pytest.mark.slow
+def test_steps_past_one_epoch_are_measured_exactly(
+    real_data: None, cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch 8192 gives 6 full batches an epoch: 1 warm-up + 6 measured steps span two epochs, the
+    fit stops right after them, and the timed window holds exactly the 6 (counted here by the
+    Trainer's own step count at the timer's marks)."""
+    from fmnist_lightning import bench
+
+    timers: list[CountingTimer] = []
+
+    class CountingTimer(bench._StepTimer):
+        def __init__(self, cfg: Any) -> None:
+            super().__init__(cfg)
+            self.epochs: list[int] = []  # the epoch of every training batch
+            self.marks: dict[str, int] = {}  # the Trainer's global_step at the timer's marks
+            timers.append(self)
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, idx: int) -> None:
+            if self.steps == self.warmup:
+                self.marks["timing starts after step"] = trainer.global_step
+            super().on_train_batch_start(trainer, pl_module, batch, idx)
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, out: Any, batch: Any, idx: int) -> None:
+            super().on_train_batch_end(trainer, pl_module, out, batch, idx)
+            self.epochs.append(trainer.current_epoch)
+            if self.steps == self.total:
+                self.marks["timing ends after step"] = trainer.global_step
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.marks["steps trained"] = trainer.global_step
+
+    monkeypatch.setattr(bench, "_StepTimer", CountingTimer)
     out = tmp_path / "bench.json"
     args = ("--batch-size", "8192", "--steps", "6", "--warmup-steps", "1", "--eval-batch-size", "2500")
     code, _, err = cli("bench", "--paths", "fmnist", *args, "--json", out)
     assert code == 0, err
-    assert json.loads(out.read_text())["config"]["steps"] == 6  # the timer asserts it counted 1 + 6
+    (timer,) = timers
+    assert timer.epochs == [0, 0, 0, 0, 0, 0, 1]
+    assert timer.marks == {"timing starts after step": 1, "timing ends after step": 7, "steps trained": 7}
+    assert json.loads(out.read_text())["config"]["steps"] == 6
