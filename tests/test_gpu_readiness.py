@@ -169,11 +169,22 @@ def test_a_signal_stops_ddp_runs_with_epochs_shorter_than_the_sync_interval(tmp_
 
 
 def test_each_rank_draws_from_its_own_seed() -> None:
-    SeedRanks(7).setup(_fake_trainer(world_size=2, rank=1), None, "fit")  # type: ignore[arg-type]
-    assert torch.initial_seed() == 8
-    rank1 = torch.rand(3)
-    SeedRanks(7).setup(_fake_trainer(world_size=2, rank=0), None, "fit")  # type: ignore[arg-type]
-    assert not torch.equal(torch.rand(3), rank1)
+    """Rank r continues from seed + r whatever stream it was on before; only fitting reseeds."""
+
+    def draws(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return torch.rand(3)
+
+    expected = [draws(7), draws(8)]  # seed + rank
+    assert not torch.equal(expected[0], expected[1])
+    with torch.random.fork_rng():
+        for rank in (1, 0):
+            torch.manual_seed(1234)  # some other stream, which a rank must not continue
+            SeedRanks(7).setup(_fake_trainer(world_size=2, rank=rank), None, "fit")  # type: ignore[arg-type]
+            assert torch.equal(torch.rand(3), expected[rank]), f"rank {rank} was not reseeded with 7 + {rank}"
+        torch.manual_seed(1234)
+        SeedRanks(7).setup(_fake_trainer(world_size=2, rank=1), None, "validate")  # type: ignore[arg-type]
+        assert torch.equal(torch.rand(3), draws(1234))  # validate, test, predict: the stream is left alone
 
 
 def test_checkpoints_keep_each_ranks_rng_state_and_restore_its_own() -> None:
