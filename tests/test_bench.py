@@ -85,6 +85,31 @@ def test_summary_is_the_mean_with_the_spread_of_the_rounds() -> None:
     assert summary["rounds"] == 2 and summary["peak_rss_mb"] == 100.0
 
 
+@pytest.mark.parametrize(
+    ("bf16", "onnxruntime", "precision", "engine", "eval_batch_size"),
+    [
+        (True, True, "bf16-mixed", "torch", 250),  # onnxruntime runs fp32 only: bf16 torch is faster
+        (True, False, "bf16-mixed", "torch", 250),
+        (False, True, "32-true", "onnxruntime", 1000),
+        (False, False, "32-true", "torch", 250),
+    ],
+    ids=["bf16-cpu", "bf16-cpu-without-onnxruntime", "older-cpu", "older-cpu-without-onnxruntime"],
+)
+def test_the_fastest_cpu_setting_follows_the_cpu_and_the_installed_engine(
+    monkeypatch: pytest.MonkeyPatch, bf16: bool, onnxruntime: bool, precision: str, engine: str, eval_batch_size: int
+) -> None:
+    from fmnist_lightning import bench
+
+    monkeypatch.setattr(bench, "cpu_supports_bf16", lambda: bf16)
+    monkeypatch.setattr(bench, "missing_modules", lambda names: [] if onnxruntime else ["onnxruntime"])
+    assert bench.fast_settings("cpu") == {
+        "channels_last": True,
+        "precision": precision,
+        "eval_batch_size": eval_batch_size,
+        "eval_engine": engine,
+    }
+
+
 def test_a_miscounted_timing_is_an_error_even_under_python_O() -> None:
     """The timer's check is a real one: `python -O`, which strips asserts, still raises it."""
     code = (
