@@ -82,6 +82,46 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **extra}
 
 
+def pause_env(folder: Path, step: int) -> dict[str, str]:
+    """The environment in which every process of a launched run pauses at the end of `step`, until
+    a signal reaches it or `folder/go` exists (tests/pausing.py). It replaces PYTHONPATH: this
+    checkout first, then the folder that registers the pause as a Lightning entry point."""
+    from tests.pausing import VARIABLE
+
+    plugin = folder / "entry-point"
+    info = plugin / "fmnist_test_pause-0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fmnist-test-pause\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(
+        "[lightning.pytorch.callbacks_factory]\nfmnist_test_pause = tests.pausing:callbacks\n"
+    )
+    return {"PYTHONPATH": f"{ROOT}{os.pathsep}{plugin}", VARIABLE: f"{step}:{folder}"}
+
+
+def wait_for_pause(folder: Path, ranks: int, running: Any, describe: Any = lambda: "", timeout_s: float = 300) -> None:
+    """Until every rank of a run started with `pause_env(folder, ...)` has paused; fails at once
+    when `running()` says the run has ended, or after `timeout_s`, with `describe()` (its output)."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not all((folder / f"paused-rank{rank}").exists() for rank in range(ranks)):
+        if not running():
+            pytest.fail(f"the run ended before it paused:\n{describe()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the run did not pause in {timeout_s:.0f} s:\n{describe()}")
+        time.sleep(0.05)
+
+
+def ended_output(proc: Any) -> str:
+    """The tail of a finished process's captured output (stdout and stderr pipes, text mode)."""
+    if proc.poll() is None:
+        return "(still running)"
+    out, err = proc.communicate(timeout=60)
+    return f"exit code {proc.returncode}\n{(out or '')[-3000:]}\n{(err or '')[-3000:]}"
+
+
 def wait_until(ready: Any, timeout_s: float, what: str) -> None:
     import time
 

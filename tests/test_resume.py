@@ -21,6 +21,7 @@ from fmnist_lightning.errors import FmnistError, TrainingInterrupted
 from fmnist_lightning.runs import run_lock
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.training import run_fit
+from tests.helpers import ended_output, pause_env, saved_step, wait_for_pause
 
 METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
 
@@ -169,17 +170,49 @@ for i in range(10**6):
 """
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.3, 0.7])
-def test_kill_9_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path: Path, delay: float) -> None:
+@pytest.mark.parametrize("saves", [1, 3, 8])
+def test_kill_9_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path: Path, saves: int) -> None:
+    """Killed while a save is being written (its temporary file has data), after `saves` whole
+    ones: the checkpoint is the last whole save, and the half-written one was never renamed in."""
     path = tmp_path / "last.ckpt"
-    saver = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
-    assert saver.stdout is not None
-    saver.stdout.readline()  # one complete save exists
-    time.sleep(delay)
-    saver.send_signal(signal.SIGKILL)
-    saver.wait()
-    ckpt = torch.load(path, weights_only=True)  # always a whole checkpoint, old or new
+    for _ in range(5):  # the kill may land just after a save's rename: then it was not mid-save
+        for stale in tmp_path.glob(".last.ckpt.tmp-*"):
+            stale.unlink()
+        saver = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
+        assert saver.stdout is not None
+        for _ in range(saves):
+            assert saver.stdout.readline(), "the save loop ended"
+        deadline = time.monotonic() + 60
+        while not _written_to(path):  # a save under way
+            assert saver.poll() is None, "the save loop ended"
+            assert time.monotonic() < deadline, "in 60 s no save wrote to a temporary file (to rename it into place)"
+            time.sleep(0.001)
+        saver.send_signal(signal.SIGKILL)
+        saver.wait()
+        saver.stdout.close()
+        if _temporary(path):
+            break
+    else:
+        pytest.fail("in 5 tries no kill landed while a save was being written")
+    ckpt = torch.load(path, weights_only=True)  # always a whole checkpoint
+    assert ckpt["i"] >= saves - 1  # the newest whole save or a later one, never a part of the next
     assert torch.equal(ckpt["weights"], torch.full((3_000_000,), float(ckpt["i"])))
+
+
+def _temporary(path: Path) -> list[Path]:
+    """The temporary files of saves under way (AtomicCheckpointIO writes there, then renames)."""
+    return list(path.parent.glob(f".{path.name}.tmp-*"))
+
+
+def _written_to(path: Path) -> bool:
+    """Whether a save is under way and has written part of its checkpoint."""
+    for tmp in _temporary(path):
+        try:
+            if tmp.stat().st_size > 0:
+                return True
+        except FileNotFoundError:  # renamed into place meanwhile
+            pass
+    return False
 
 
 @pytest.mark.slow
@@ -189,16 +222,16 @@ def test_ctrl_c_in_the_cli_saves_and_prints_the_resume_command(real_data: None, 
             "--max-epochs", "1", "--limit-train-batches", "300", "--limit-val-batches", "1",
             "--out", str(run)]  # fmt: skip
     env = {**os.environ, "COLUMNS": "300"}
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    while not (run / "tensorboard").exists() and time.time() < deadline:  # the Trainer has started
-        time.sleep(0.2)
-    time.sleep(3)
+    pause = tmp_path / "pause"
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**env, **pause_env(pause, 3)})
+    wait_for_pause(pause, 1, lambda: proc.poll() is None, lambda: ended_output(proc))  # training, at step 3
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert f"Continue with: fmnist fit --out {run} --resume" in err and "Traceback" not in err
-    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 0
+    # Step 3's own check for a signal had run before the pause: the run stops after the next step.
+    assert "stopped by SIGINT in epoch 1 after step 4;" in err, err
+    assert saved_step(run) == 4
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env)
     assert resumed.returncode == 0, resumed.stderr
     assert len(_metrics(run)) == 1
@@ -210,8 +243,8 @@ DDP_FIT = ["-m", "fmnist_lightning", "fit", "--accelerator", "cpu", "--devices",
            "--checkpoint-every-n-steps", "0"]  # fmt: skip
 
 
-def _ddp_fit(run: Path, *extra: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "PYTHONUNBUFFERED": "1", "COLUMNS": "300"}
+def _ddp_fit(run: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd()), "PYTHONUNBUFFERED": "1", "COLUMNS": "300", **(env or {})}
     for name in ("FMNIST_RUN_DIR", "TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
         env.pop(name, None)
     args = [sys.executable, *DDP_FIT, "--out", str(run), *extra]
@@ -223,15 +256,16 @@ def _ddp_fit(run: Path, *extra: str) -> subprocess.Popen[str]:
 def test_ddp_run_interrupted_and_resumed_equals_uninterrupted(real_data: None, tmp_path: Path) -> None:
     """Two gloo processes with dropout and augmentation, Ctrl-C in the second epoch, then --resume:
     each rank's RNG stream and data position are restored, so the metrics are the uninterrupted run's."""
-    cut = _ddp_fit(tmp_path / "cut")
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "cut" / "metrics.csv").exists() and cut.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # epoch 1 is done; epoch 2 has 30 steps to go
-    time.sleep(0.5)
+    # Both ranks pause after step 33, inside epoch 2 (steps 31-60), where the signal reaches them;
+    # they agree to stop at their next check, at step 40.
+    pause = tmp_path / "pause"
+    cut = _ddp_fit(tmp_path / "cut", env=pause_env(pause, 33))
+    wait_for_pause(pause, 2, lambda: cut.poll() is None, lambda: ended_output(cut))
     os.killpg(cut.pid, signal.SIGINT)
     _, err = cut.communicate(timeout=300)
     assert cut.returncode == 130 and "Continue with: fmnist fit --out" in err, err[-3000:]
-    assert 30 < torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] < 60
+    assert "stopped by SIGINT in epoch 2 after step 40;" in err, err[-3000:]
+    assert saved_step(tmp_path / "cut") == 40
     resumed = _ddp_fit(tmp_path / "cut", "--resume")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
