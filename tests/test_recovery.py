@@ -10,13 +10,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import epoch_metrics, free_port, launcher_env, saved_step
+from tests.helpers import ended_output, epoch_metrics, free_port, launcher_env, pause_env, saved_step, wait_for_pause
 
 FIT = ["-m", "fmnist_lightning", "fit", "--accelerator", "cpu", "--max-epochs", "2", "--batch-size", "64",
        "--limit-train-batches", "30", "--limit-val-batches", "2", "--checkpoint-every-n-steps", "4", "--seed", "5",
@@ -36,16 +35,12 @@ def _fit(run: Path, **env: str) -> subprocess.Popen[str]:
 def test_a_killed_run_restarted_by_its_launcher_resumes_by_itself(
     real_data: None, tmp_path: Path, restart_variable: str
 ) -> None:
-    run = tmp_path / "run"
-    first = _fit(run)
-    deadline = time.monotonic() + 300
-    while saved_step(run) < 36 and first.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)  # until a periodic save inside epoch 2 (steps 31-60)
-    assert first.poll() is None, "the run ended before it could be killed"
+    run, pause = tmp_path / "run", tmp_path / "pause"
+    first = _fit(run, **pause_env(pause, 38))  # paused inside epoch 2 (steps 31-60), after the save at 36
+    wait_for_pause(pause, 1, lambda: first.poll() is None, lambda: ended_output(first))
     first.send_signal(signal.SIGKILL)  # no handler runs: only what was saved survives
     first.communicate(timeout=60)
-    saved = saved_step(run)
-    assert 36 <= saved < 60
+    assert saved_step(run) == 36
 
     again = _fit(run, **{restart_variable: "1"})  # the same command line, as the launcher reruns it
     _, err = again.communicate(timeout=600)
@@ -96,7 +91,8 @@ def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, t
     per_agent = 2 // agents
     fit = [*FIT[3:], "--devices", str(per_agent), "--num-nodes", str(agents), "--strategy", "ddp", "--out", str(run)]
     endpoint = f"127.0.0.1:{free_port()}"
-    env = launcher_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    pause = tmp_path / "pause"  # both workers pause inside epoch 2 (steps 31-60), after the save at 36
+    env = launcher_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **pause_env(pause, 38))
     logs = [tmp_path / f"agent{i}.log" for i in range(agents)]
     procs = []
     try:
@@ -119,16 +115,13 @@ def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, t
         def output() -> str:
             return "\n".join(f"--- {log.name}:\n{log.read_text()[-4000:]}" for log in logs)
 
-        deadline = time.monotonic() + 300
-        while saved_step(run) < 36 and all(p.poll() is None for p in procs) and time.monotonic() < deadline:
-            time.sleep(0.05)  # until a periodic save inside epoch 2 (steps 31-60)
-        assert all(p.poll() is None for p in procs), "the run ended before it could be killed:\n" + output()
+        wait_for_pause(pause, 2, lambda: all(p.poll() is None for p in procs), output)
         workers = _workers(procs[-1].pid)
         victim = workers.get(1) if agents == 1 else next(iter(workers.values()), None)
         assert victim is not None, f"no worker to kill under the last torchrun agent: {workers}"
         os.kill(victim, signal.SIGKILL)
-        saved = saved_step(run)
-        assert 36 <= saved < 60, saved
+        (pause / "go").touch()  # the survivor goes on, and finds its peer gone
+        assert saved_step(run) == 36
         for p in procs:
             p.wait(timeout=600)
     finally:
