@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import ROOT, TINY_FIT, epoch_metrics, free_port, launcher_env, saved_step
+from tests.helpers import ROOT, TINY_FIT, epoch_metrics, free_port, launcher_env, pause_env, saved_step, wait_for_pause
 
 CLUSTER = ROOT / "scripts" / "slurm" / "local_cluster.sh"
 TRAIN = ROOT / "scripts" / "slurm" / "train.sbatch"
@@ -123,7 +123,9 @@ def test_a_requeued_job_resumes_its_run(real_data: None, slurm_env: dict[str, st
     work = tmp_path / "work"
     work.mkdir()
     log = tmp_path / "job.log"
-    env = launcher_env(**slurm_env, FMNIST_ACCELERATOR="cpu", FMNIST="fmnist")
+    # Both tasks pause inside epoch 2 (steps 41-80) after step 47, the save at 45 done, until SIGTERM.
+    pause = tmp_path / "pause"
+    env = launcher_env(**slurm_env, FMNIST_ACCELERATOR="cpu", FMNIST="fmnist", **pause_env(pause, 47))
     shape = ["--nodes", "1", "--ntasks-per-node", "2", "--gpus-per-node", "0", "--cpus-per-task", "1"]
     sbatch = ["sbatch", "--parsable", *shape, "--time", "10", "--chdir", str(work), "--output", str(log)]
     submitted = subprocess.run([*sbatch, str(TRAIN), *REQUEUE_FIT], env=env, capture_output=True, text=True, timeout=60)
@@ -138,18 +140,13 @@ def test_a_requeued_job_resumes_its_run(real_data: None, slurm_env: dict[str, st
         output = log.read_text()[-5000:] if log.exists() else "(no output)"
         return f"{what}\njob output:\n{output}\n{job_state()}\n{_diagnosis(env)}"
 
-    # Epoch 1 is steps 1-40: wait for a periodic save inside epoch 2, then requeue.
-    deadline = time.monotonic() + 240
-    while saved_step(run) <= 40 and time.monotonic() < deadline:
-        # One reading per check: two calls could see PENDING, then RUNNING, and match neither.
+    def alive() -> bool:  # one reading: two could see PENDING, then RUNNING, and match neither
         state = job_state()
-        assert any(f"JobState={alive}" in state for alive in ("PENDING", "CONFIGURING", "RUNNING")), failure(
-            "the job ended early"
-        )
-        time.sleep(0.1)
-    saved = saved_step(run)
-    assert 40 < saved < 80, failure(f"no checkpoint inside epoch 2 (step {saved})")
-    _scontrol(env, "requeue", job_id)
+        return any(f"JobState={alive}" in state for alive in ("PENDING", "CONFIGURING", "RUNNING"))
+
+    wait_for_pause(pause, 2, alive, lambda: failure("the job ended early"), timeout_s=240)
+    assert saved_step(run) == 45, failure(f"last.ckpt is at step {saved_step(run)}, not 45")
+    _scontrol(env, "requeue", job_id)  # SIGTERM: the tasks go on from the pause and stop at their next check
     # A requeued job waits (Reason=BeginTime) before it may start again: let it start now, once
     # the first start has ended (its tasks save last.ckpt on SIGTERM first).
     deadline = time.monotonic() + 120
@@ -168,7 +165,7 @@ def test_a_requeued_job_resumes_its_run(real_data: None, slurm_env: dict[str, st
 
     # Both starts' output, appended in one log: the first stopped on SIGTERM after saving, the second resumed.
     assert f"job {job_id}, start 1 " in output and f"job {job_id}, start 2 " in output
-    assert "0: interrupted: stopped by SIGTERM in epoch 2" in output
+    assert "0: interrupted: stopped by SIGTERM in epoch 2 after step 60;" in output
     assert f"0: restart 1 of this job: resuming from runs/slurm-{job_id}/checkpoints/last.ckpt" in output
     assert [p.name for p in (work / "runs").iterdir()] == [f"slurm-{job_id}"]
     assert [row["epoch"] for row in epoch_metrics(run)] == [1.0, 2.0]  # epoch 1's row written once
