@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from fmnist_lightning.errors import UsageError
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.settings_io import resolve_settings
 from fmnist_lightning.space import Param, load_space
-from tests.helpers import ROOT, free_port, need, subprocess_env, wait_until
+from tests.helpers import ROOT, ended_output, free_port, need, pause_env, subprocess_env, wait_for_pause
 
 TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "1")
 SPACE = (
@@ -217,9 +216,9 @@ def test_ctrl_c_ends_the_trial_as_pruned_and_a_rerun_continues_the_study(real_da
     args = ("--limit-train-batches", "300", "--max-epochs", "1", "--offline", "--no-progress", "--logger", "csv")
     command = [sys.executable, "-m", "fmnist_lightning", "tune", "--space", str(space), "--trials", "2"]
     command += ["--out", str(study), *args]
-    worker = subprocess.Popen(command, env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    wait_until(lambda: (study / "trial-000" / "config.yaml").exists(), 300, "the first trial")
-    time.sleep(1)  # training has started: the clean stop's handler is in place
+    pause = tmp_path / "pause"  # trial 0 pauses after its step 2: training, the clean stop's handler in place
+    worker = subprocess.Popen(command, env=subprocess_env(**pause_env(pause, 2)), stderr=subprocess.PIPE, text=True)
+    wait_for_pause(pause, 1, lambda: worker.poll() is None, lambda: ended_output(worker))
     worker.send_signal(signal.SIGINT)
     _, err = worker.communicate(timeout=120)
     assert worker.returncode == 130 and "interrupted: stopped trial 0, recorded as pruned" in err, err[-3000:]
