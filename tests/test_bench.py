@@ -63,6 +63,7 @@ def test_with_two_precisions_each_path_gets_its_ratio_between_them() -> None:
 
 def test_a_precision_list_measures_every_path_in_each(real_data: None, cli, tmp_path) -> None:
     import json
+    import statistics
 
     out = tmp_path / "bench.json"
     code, stdout, err = cli(
@@ -74,7 +75,12 @@ def test_a_precision_list_measures_every_path_in_each(real_data: None, cli, tmp_
     assert list(result["results"]) == ["raw@32-true", "raw@bf16-mixed", "fmnist@32-true", "fmnist@bf16-mixed"]
     assert result["resolved"]["precision"] == {"32-true": "32-true (asked for)", "bf16-mixed": "bf16-mixed (asked for)"}
     assert len(result["ratios_per_round"]["raw bf16-mixed/32-true train"]) == 2
-    assert result["ratios_median"]["fmnist bf16-mixed/32-true eval"] > 0
+    per_round = result["ratios_per_round"]["fmnist bf16-mixed/32-true eval"]
+    assert result["ratios_median"]["fmnist bf16-mixed/32-true eval"] == statistics.median(per_round)
+    rounds = [
+        result["rounds"][r][f"fmnist@{p}"]["eval_images_per_s"] for r in range(2) for p in ("bf16-mixed", "32-true")
+    ]
+    assert per_round == pytest.approx([rounds[0] / rounds[1], rounds[2] / rounds[3]])
     assert "raw bf16-mixed/32-true train" in stdout
 
 
