@@ -28,7 +28,15 @@ from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import close_process_group, is_global_zero
 from fmnist_lightning.options import with_options
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
-from fmnist_lightning.settings import BENCH_OPTIONS, BenchConfig, DataSettings, EvaluationRun, Settings
+from fmnist_lightning.settings import (
+    BENCH_OPTIONS,
+    BenchConfig,
+    DataSettings,
+    EvaluationRun,
+    ServeRun,
+    ServeSettings,
+    Settings,
+)
 from fmnist_lightning.settings_io import fit_settings, from_options, resolve_settings
 
 app = typer.Typer(
@@ -428,51 +436,20 @@ def export(
 
 
 @app.command()
-@with_options(EvaluationRun, ("accelerator",))
-def serve(
-    given: dict[str, Any],
-    ckpt: NewestCkptOption = None,
-    host: Annotated[str, typer.Option(help="Address to listen on: 127.0.0.1 (this machine), 0.0.0.0 or ::.")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(min=1024, max=65535, help="Port to listen on.")] = 8000,
-    engine: Annotated[
-        str, typer.Option(help="What runs the network: torch, or onnxruntime (CPU; needs the 'export' extra).")
-    ] = "torch",
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Inference worker processes (and HTTP processes).")] = 1,
-    max_batch_size: Annotated[
-        int, typer.Option(min=1, max=1024, help="Batch up to this many concurrent requests (1: no batching).")
-    ] = 16,
-    batch_timeout: Annotated[
-        float, typer.Option(min=0, max=1, help="Seconds a batch waits to fill before it runs.")
-    ] = 0.005,
-    api_key: Annotated[
-        Optional[str],
-        typer.Option(
-            help="Require this key in every request's X-API-Key header (default: $FMNIST_SERVE_API_KEY; unset: open).",
-            show_default=False,
-        ),
-    ] = None,
-    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Refuse uploads larger than this (413).")] = 10.0,
-    invert: Annotated[
-        bool, typer.Option("--invert/--no-invert", help="Invert images with a light background, as predict does.")
-    ] = True,
-) -> None:
+@with_options(ServeRun, ("accelerator", *ServeSettings.model_fields))
+def serve(given: dict[str, Any], ckpt: NewestCkptOption = None) -> None:
     """Serve the model over HTTP (LitServe): POST /predict an image, GET /health, and a web page at /.
 
     Needs the 'serve' extra. Requests are preprocessed exactly as `fmnist predict` does it and
     batched on the server. Ctrl-C or SIGTERM stops it.
     """
     with user_errors():
-        settings = from_options(EvaluationRun, given)
-        if engine not in ("torch", "onnxruntime"):
-            raise UsageError(f"--engine must be torch or onnxruntime, got {engine!r}")
-        if host not in ("127.0.0.1", "0.0.0.0", "::"):
-            raise UsageError(f"--host must be 127.0.0.1, 0.0.0.0 or ::, got {host!r}")
+        settings = from_options(ServeRun, given)
+        serving = settings.serve
         from fmnist_lightning.extras import require_extra
 
         require_extra("serve", ("litserve", "multipart"), "fmnist serve")
-        if engine == "onnxruntime":
+        if serving.engine == "onnxruntime":
             require_extra("export", ("onnx", "onnxscript", "onnxruntime"), "--engine onnxruntime")
         ckpt = _checkpoint(ckpt)
         quiet_lightning()
@@ -481,13 +458,12 @@ def serve(
         from fmnist_lightning.serve import API_KEY_ENV, ServeOptions, run_server
 
         read_checkpoint(ckpt)  # a wrong --ckpt is one line here, not a failed worker
-        on_gpu = hardware_for(settings.hardware).on_gpu and engine == "torch"
-        key = api_key or os.environ.get(API_KEY_ENV) or None
+        on_gpu = hardware_for(settings.hardware).on_gpu and serving.engine == "torch"
         options = ServeOptions(
-            ckpt=ckpt, host=host, port=port, engine=engine, accelerator="cuda" if on_gpu else "cpu",
-            workers=workers, max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_key=key,
-            max_upload_mb=max_upload_mb, invert=invert,
-        )  # fmt: skip
+            **{**dict(serving), "api_key": serving.api_key or os.environ.get(API_KEY_ENV) or None},
+            ckpt=ckpt,
+            accelerator="cuda" if on_gpu else "cpu",
+        )
         render.serving(options)
         run_server(options)
         render.err_console.print("stopped")

@@ -26,10 +26,9 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import litserve as ls
@@ -41,6 +40,7 @@ from PIL import Image
 
 from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE
 from fmnist_lightning.inference import ImageError, class_probabilities, model_pixels, pixels_to_input
+from fmnist_lightning.settings import ServeSettings
 
 log = logging.getLogger("fmnist_lightning.serve")
 
@@ -50,21 +50,12 @@ IMAGE_TYPES = ("image/png", "image/jpeg")
 DECODE_SLOTS = 4
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    """What `fmnist serve` runs: the checkpoint, where it listens, the engine, batching, limits."""
+class ServeOptions(ServeSettings):
+    """What `fmnist serve` runs: the serve settings (where it listens, the engine, batching,
+    limits), the checkpoint, and the device the hardware settings resolved to."""
 
     ckpt: Path
-    host: str = "127.0.0.1"
-    port: int = 8000
-    engine: str = "torch"  # or "onnxruntime"
-    accelerator: str = "cpu"  # "cuda" runs the torch engine on the first GPU
-    workers: int = 1
-    max_batch_size: int = 16  # 1: no batching
-    batch_timeout: float = 0.005
-    api_key: str | None = None
-    max_upload_mb: float = 10.0
-    invert: bool = True
+    accelerator: Literal["cpu", "cuda"] = "cpu"  # cuda runs the torch engine on the first GPU
 
 
 # ---------------------------------------------------------------------------------------------

@@ -366,6 +366,41 @@ class TrackingSettings(Section):
     experiment: str = Field("fmnist", min_length=1, description="MLflow experiment name.")
 
 
+class ServeSettings(Section):
+    """How `fmnist serve` listens, batches and guards the model."""
+
+    host: Literal["127.0.0.1", "0.0.0.0", "::"] = Field(
+        "127.0.0.1", description="Address to listen on: 127.0.0.1 (this machine only), 0.0.0.0 or :: (all)."
+    )
+    port: int = Field(8000, ge=1024, le=65535, description="Port to listen on.")
+    engine: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="What runs the network: torch, or onnxruntime (CPU; needs the 'export' extra)."
+    )
+    workers: int = Field(1, ge=1, le=64, description="Inference worker processes (and HTTP processes).")
+    max_batch_size: int = Field(
+        16, ge=1, le=1024, description="Batch up to this many concurrent requests (1: no batching)."
+    )
+    batch_timeout: Annotated[float, Number] = Field(
+        0.005, ge=0, le=1, description="Seconds a batch waits to fill before it runs."
+    )
+    api_key: str | None = Field(
+        None,
+        description="Require this key in every request's X-API-Key header (default: $FMNIST_SERVE_API_KEY; "
+        "unset: the server is open, and says so).",
+    )
+    max_upload_mb: Annotated[float, Number] = Field(
+        10.0, gt=0, description="Refuse uploads larger than this many MB (413)."
+    )
+    invert: bool = Field(True, description="Invert images with a light background, as predict does.")
+
+
+class ServeRun(Sectioned):
+    """What `fmnist serve` reads: the device (from the hardware section) and how to serve."""
+
+    hardware: HardwareSettings = HardwareSettings()
+    serve: ServeSettings = ServeSettings()
+
+
 class EvaluationRun(Sectioned):
     """What evaluating a checkpoint reads (`fmnist test`, `predict-samples`, `report`): the model's
     own settings are in the checkpoint."""

@@ -180,6 +180,7 @@ def test_a_mistyped_setting_is_one_line_before_torch_is_imported(tmp_path: Path)
         "export": ["--ckpt", "x.ckpt", "--format", "onnx", "--val-size", "0"],
         "data": ["--val-size", "0"],
         "bench": ["--steps", "0"],
+        "serve": ["--port", "80"],
     }
     code = (
         "import json, sys\n"
