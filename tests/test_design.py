@@ -163,8 +163,10 @@ def test_each_consumer_takes_only_its_sections() -> None:
 
 def test_bench_config_embeds_the_sections_instead_of_redeclaring_them() -> None:
     own = {name for name, field in BenchConfig.flat_fields().items() if field.section is None}
-    # seed stays its own: the benchmark's paths all start from seed 0, a training run from 42.
-    assert own & set(Settings.flat_fields()) == {"seed"}
+    # seed stays its own: the benchmark's paths all start from seed 0, a training run from 42; and
+    # precision is a list there (each path in each), shadowing the hardware section's single value.
+    assert own & set(Settings.flat_fields()) == {"seed", "precision"}
+    assert BenchConfig(precision="32-true,bf16-mixed").precision == ("32-true", "bf16-mixed")
     b = BenchConfig(precision="bf16-mixed", batch_size=64)
     assert (b.hardware.precision, b.optimisation.batch_size) == ("bf16-mixed", 64)
     # Its own defaults: PyTorch's plain layout and batches of 1000 for evaluation.
