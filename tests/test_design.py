@@ -167,8 +167,8 @@ def test_bench_config_embeds_the_sections_instead_of_redeclaring_them() -> None:
     # precision is a list there (each path in each), shadowing the hardware section's single value.
     assert own & set(Settings.flat_fields()) == {"seed", "precision"}
     assert BenchConfig(precision="32-true,bf16-mixed").precision == ("32-true", "bf16-mixed")
-    b = BenchConfig(precision="bf16-mixed", batch_size=64)
-    assert (b.hardware.precision, b.optimisation.batch_size) == ("bf16-mixed", 64)
+    b = BenchConfig(accelerator="cpu", batch_size=64)
+    assert (b.hardware.accelerator, b.optimisation.batch_size) == ("cpu", 64)
     # Its own defaults: PyTorch's plain layout and batches of 1000 for evaluation.
     assert (b.model.channels_last, b.evaluation.eval_batch_size, b.model.dropout) == (False, 1000, False)
 
