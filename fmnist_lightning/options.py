@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import typer
 
-from fmnist_lightning.settings import FlatField, Sectioned
+from fmnist_lightning.sections import FlatField, Sectioned
 from fmnist_lightning.settings_io import option_name
 
 

@@ -10,7 +10,7 @@ The fields are grouped in sections (`ModelSettings`, `OptimisationSettings`, `Da
 and each consumer takes only the sections it reads: the data module the data section, the
 LightningModule the model and optimisation sections, `hardware_for` the hardware section. The
 sections are a code structure only: YAML keys, options and `config.yaml` stay flat (`lr: 0.001`,
-`--lr`), because `Sectioned` builds itself from, and dumps itself to, one flat mapping.
+`--lr`), because `Sectioned` (sections.py) builds itself from, and dumps itself to, one flat mapping.
 
 Validation is strict (a YAML `max_epochs: "5"` or `dropout: 1` is refused, not guessed at), with
 one exception: numbers written as text, because YAML 1.1 reads `1e-3` (no dot) as a string and the
@@ -21,140 +21,22 @@ This module imports neither torch nor lightning: `fmnist --help` must stay fast.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
-from pydantic.fields import FieldInfo
-from typing_extensions import Self
+from pydantic import BeforeValidator, Field, field_validator
+
+from fmnist_lightning.sections import Number, Section, Sectioned, comma_list, number_from_text
 
 MAX_SEED = 2**32 - 1
 
 
-def number_from_text(value: Any) -> Any:
-    """'10' -> 10 and '1e-3' -> 0.001; anything else is left for the type check to judge."""
-    if isinstance(value, str):
-        for kind in (int, float):
-            try:
-                return kind(value)
-            except ValueError:
-                pass
-    return value
-
-
-Number = BeforeValidator(number_from_text)
 Rate = Annotated[float, Number, Field(ge=0, lt=1)]
 # Lightning's meaning: an int is a count of batches, a float a fraction of them.
 BatchLimit = Annotated[int | float, Number]
 
 
-def _comma_list(value: Any) -> Any:
-    """'a,b' or ['a', 'b,c'] (an option given several times, or a YAML list) -> ('a', 'b', 'c')."""
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return tuple(part.strip() for v in value for part in v.split(",") if part.strip())
-    return value
-
-
 Logger = Literal["csv", "tensorboard", "mlflow"]
 Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed"]
-
-
-class StrictModel(BaseModel):
-    """Unknown keys and wrong types are errors; a model is a value (frozen)."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-class Section(StrictModel):
-    """One group of settings. Its field names are the flat YAML keys and option names."""
-
-
-@dataclass(frozen=True)
-class FlatField:
-    """One setting as the CLI and YAML see it: its name, the model that declares it, its default."""
-
-    name: str
-    section: str | None  # None: a field of the composed model itself
-    info: FieldInfo
-    default: Any
-
-
-class Sectioned(StrictModel):
-    """Settings composed of sections, built from and dumped to one flat mapping of setting names.
-
-    `Settings(lr=0.01)`, `Settings.model_validate({"lr": 0.01, "seed": 1})` and a nested
-    `{"optimisation": {"lr": 0.01}}` all work; `flat()` gives the flat mapping back (config.yaml).
-    A section's default may differ from its class's own defaults (`BenchConfig` benchmarks
-    PyTorch's plain layout by default): `flat_fields` reports the composed model's defaults.
-    """
-
-    @classmethod
-    def sections(cls) -> dict[str, type[Section]]:
-        return {
-            name: info.annotation
-            for name, info in cls.model_fields.items()
-            if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
-        }
-
-    @classmethod
-    def flat_fields(cls) -> dict[str, FlatField]:
-        """Every setting by its flat name, in declaration order. A field of the composed model
-        itself shadows a section's field of the same name (`BenchConfig.precision`, a list)."""
-        own = {name: info for name, info in cls.model_fields.items() if name not in cls.sections()}
-        fields: dict[str, FlatField] = {}
-        for name, info in cls.model_fields.items():
-            section = cls.sections().get(name)
-            if section is None:
-                fields[name] = FlatField(name, None, info, info.default)
-                continue
-            defaults = info.get_default(call_default_factory=True)
-            for key, sub in section.model_fields.items():
-                if key not in own:
-                    fields[key] = FlatField(key, name, sub, getattr(defaults, key))
-        return fields
-
-    @model_validator(mode="before")
-    @classmethod
-    def _nest(cls, data: Any) -> Any:
-        """Flat keys -> their sections (on top of each section's defaults); unknown keys stay at
-        the top, where `extra="forbid"` reports them by name."""
-        if not isinstance(data, dict):
-            return data
-        data = cls._prepare(data)
-        owners = {name: f.section for name, f in cls.flat_fields().items() if f.section is not None}
-        nested: dict[str, Any] = {}
-        given: dict[str, dict[str, Any]] = {}
-        for key, value in data.items():
-            section = owners.get(key)
-            if section is None:
-                nested[key] = value
-            else:
-                given.setdefault(section, {})[key] = value
-        for section, values in given.items():
-            base = nested.get(section, cls.model_fields[section].get_default(call_default_factory=True))
-            if isinstance(base, BaseModel):
-                base = dict(base)
-            nested[section] = {**base, **values}
-        return nested
-
-    @classmethod
-    def _prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A hook: the flat values before they are sorted into sections."""
-        return data
-
-    def flat(self, json: bool = False) -> dict[str, Any]:
-        """All settings as one flat mapping (as YAML and config.yaml hold them)."""
-        dump = self.model_dump(mode="json" if json else "python")
-        flat: dict[str, Any] = {}
-        for name, value in dump.items():
-            flat.update(value if name in self.sections() else {name: value})
-        return flat
-
-    def replace(self, **changes: Any) -> Self:
-        """A validated copy with these flat settings changed."""
-        return self.model_validate({**self.flat(), **changes})
 
 
 class ModelSettings(Section):
@@ -352,7 +234,7 @@ class ToolkitSettings(Section):
 class TrackingSettings(Section):
     """Where metrics go besides metrics.csv (which is always written)."""
 
-    logger: Annotated[tuple[Logger, ...], BeforeValidator(_comma_list)] = Field(
+    logger: Annotated[tuple[Logger, ...], BeforeValidator(comma_list)] = Field(
         ("tensorboard",),
         min_length=1,
         description="Where metrics also go: csv (metrics.csv only), tensorboard (when installed), mlflow (needs "
@@ -451,7 +333,7 @@ class BenchConfig(Sectioned):
     epochs: Annotated[float, Number] = Field(
         0.0, ge=0, description="Measure this many 55k epochs instead of --steps (0: use --steps)."
     )
-    paths: Annotated[tuple[BenchPath, ...], BeforeValidator(_comma_list)] = Field(
+    paths: Annotated[tuple[BenchPath, ...], BeforeValidator(comma_list)] = Field(
         ("raw", "fmnist", "typical"), min_length=1, description="Comma-separated: raw, fmnist, typical, fmnist-fast."
     )
     repeats: int = Field(
@@ -461,7 +343,7 @@ class BenchConfig(Sectioned):
         "mean +- std over the rounds (ratios are taken within each round).",
     )
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Random seed of every path.")
-    precision: Annotated[tuple[Precision, ...], BeforeValidator(_comma_list)] = Field(
+    precision: Annotated[tuple[Precision, ...], BeforeValidator(comma_list)] = Field(
         ("auto",),
         min_length=1,
         description="Comma-separated precisions, each path measured in each (fmnist-fast picks its own): auto, "

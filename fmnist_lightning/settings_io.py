@@ -17,7 +17,8 @@ from pydantic import ValidationError
 
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.runs import CONFIG
-from fmnist_lightning.settings import Sectioned, Settings
+from fmnist_lightning.sections import Sectioned
+from fmnist_lightning.settings import Settings
 
 PROVENANCE_KEY = "provenance"  # versions, git commit and resolved hardware, in each run's config.yaml
 Model = TypeVar("Model", bound=Sectioned)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fmnist_lightning.errors import UsageError
-from fmnist_lightning.settings import Settings, number_from_text
+from fmnist_lightning.sections import number_from_text
+from fmnist_lightning.settings import Settings
 from fmnist_lightning.settings_io import validated
 
 RANGE_KEYS = ("low", "high", "log")

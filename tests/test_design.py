@@ -12,7 +12,8 @@ import pytest
 
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import is_global_zero
-from fmnist_lightning.settings import BenchConfig, EvaluationRun, Section, Settings
+from fmnist_lightning.sections import Section
+from fmnist_lightning.settings import BenchConfig, EvaluationRun, Settings
 from fmnist_lightning.settings_io import resolve_settings
 
 PACKAGE = Path(__file__).parent.parent / "fmnist_lightning"
