@@ -111,7 +111,8 @@ class HardwareSettings(Section):
     precision: Precision = Field(
         "auto",
         description="Numeric precision. auto: bf16-mixed on GPUs that do bf16 natively, 16-mixed on other GPUs; "
-        "32-true on the CPU (the fit summary and config.yaml say what was picked and why).",
+        "bf16-mixed on a CPU with native bf16 (avx512_bf16 or amx_bf16), else 32-true (the fit summary and "
+        "config.yaml say what was picked and why).",
     )
 
     @field_validator("devices")

@@ -55,7 +55,7 @@ def test_auto_precision_on_the_cpu_follows_native_bf16(
         assert resolve_hardware("cpu", "auto", "auto", asked).precision_described == f"{asked} (asked for)"
 
 
-def test_until_parity_is_shown_a_bf16_cpu_stays_on_fp32_and_says_why(
+def test_with_the_switch_off_a_bf16_cpu_stays_on_fp32_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cpuinfo = tmp_path / "cpuinfo"
