@@ -133,7 +133,7 @@ class SaveConfig(Callback):
     """Writes the run's config.yaml once training really starts (after a resume has loaded), so a
     command that fails before then leaves the folder as it was."""
 
-    def __init__(self, path: Path, settings: Settings, precision: str = "") -> None:
+    def __init__(self, path: Path, settings: Settings, precision: str) -> None:
         self.path, self.settings, self.precision = path, settings, precision  # precision: what and why
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -142,7 +142,7 @@ class SaveConfig(Callback):
         agents = gather_objects(torchrun_agent())
         if trainer.is_global_zero:
             launched = {"torchrun_agents": sorted(set(agents))} if None not in agents else {}
-            chosen = {"precision": self.precision} if self.precision else {}
+            chosen = {"precision": self.precision}
             save_yaml(self.settings, self.path, {**provenance(), **run_environment(trainer), **chosen, **launched})
 
 
