@@ -23,7 +23,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -231,9 +231,9 @@ class Entry:
     hw: Hardware
 
 
-def entries(cfg: BenchConfig) -> list[Entry]:
-    """Every path in every precision (fmnist-fast once: it picks its own precision)."""
-    hws = {p: bench_hardware(cfg, p) for p in cfg.precision}  # UsageError: a GPU asked for, none visible
+def entries(cfg: BenchConfig, hws: Mapping[str, Hardware]) -> list[Entry]:
+    """Every path in every precision, each resolved in `hws` (fmnist-fast once: it picks its own
+    precision)."""
     several = len(hws) > 1
     rows = []
     for path in cfg.paths:
@@ -362,7 +362,10 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
     """Run the chosen paths, each in each precision, `cfg.repeats` times; return everything
     measured, with versions and machine, as a dict: per-round results, means +- std per path, and
     ratios within each round (between paths, and between precisions of a path)."""
-    rows = entries(cfg)
+    hws: dict[str, Hardware] = {
+        p: bench_hardware(cfg, p) for p in cfg.precision
+    }  # UsageError: a GPU asked for, none visible
+    rows = entries(cfg, hws)
     device = torch.device("cuda" if rows[0].hw.on_gpu else "cpu")
     dm = FashionMNISTDataModule.from_settings(cfg.data, cfg.evaluation.eval_batch_size)
     dm.setup()
@@ -391,7 +394,7 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
         # What each asked-for precision ("auto" too) became here, and why.
         "resolved": {
             "device": device.type,
-            "precision": {p: bench_hardware(cfg, p).precision_described for p in cfg.precision},
+            "precision": {p: hw.precision_described for p, hw in hws.items()},
         },
         "machine": _machine(device),
         "versions": provenance(),
