@@ -7,6 +7,9 @@
   (shuffle, 0 workers) + a default `lightning.Trainer`.
 - `fmnist-fast` (optional): the project's fastest setting for the device (`fast_settings`).
 
+The baselines live in `baselines.py`, the timing every path shares in `timing.py`; this module runs
+the paths in rounds and summarises them.
+
 Each path runs the same number of steps after the same warm-up; ratios measured in one run survive
 a noisy machine, absolute numbers do not. With `repeats` > 1 the paths run in rounds, each round
 in a rotated order (so every path takes every position equally often, and a slow minute of a
@@ -24,48 +27,30 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning.data import FashionMNISTDataModule, to_float_images
+from fmnist_lightning.baselines import bench_raw, bench_typical, torchvision_copy
+from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.evaluation import evaluation_engine
 from fmnist_lightning.hardware import (
     Hardware,
     cpu_supports_bf16,
     hardware_for,
-    peak_rss_mb,
     resolve_hardware,
-    synchronize,
 )
 from fmnist_lightning.inference import ONNX_ENGINE, missing_modules
-from fmnist_lightning.model import build_optimizer
-from fmnist_lightning.networks import ConvNet
 from fmnist_lightning.runs import provenance
-from fmnist_lightning.settings import TRAIN_IMAGES, BenchConfig, DataSettings, RunSettings, Settings
-from fmnist_lightning.sources import FILES, locate, read_verified
+from fmnist_lightning.settings import BenchConfig, DataSettings, RunSettings, Settings
+from fmnist_lightning.timing import PathResult, StepTimer, epochs_for
 from fmnist_lightning.trainers import known_warnings_hidden
 from fmnist_lightning.training import build_datamodule, build_model, build_trainer
 
 T = TypeVar("T")
-
-
-@dataclass
-class PathResult:
-    train_images_per_s: float
-    warmup_s: float
-    epoch_s: float  # one 55k epoch at the measured speed, warm-up included
-    eval_images_per_s: float
-    eval_batch_size: int
-    eval_setup_s: float  # before the evaluation and excluded from its speed: the ONNX export, if any
-    peak_rss_mb: float
-    cuda_max_allocated_mb: float | None
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def fast_settings(device: str) -> dict[str, Any]:
@@ -83,137 +68,6 @@ def fast_settings(device: str) -> dict[str, Any]:
             "eval_engine": engine,
         }
     return {"channels_last": True, "precision": "bf16-mixed", "eval_batch_size": 2000}
-
-
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    if precision == "bf16-mixed":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "16-mixed":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-class _StepTimer(Callback):
-    """Times exactly `cfg.steps` training steps after `cfg.warmup_steps` untimed ones, over as many
-    epochs as that takes (then stops the fit), and the test epoch, with a device sync at each mark."""
-
-    def __init__(self, cfg: BenchConfig) -> None:
-        self.warmup, self.total = cfg.warmup_steps, _total_steps(cfg)
-        self.start = self.warm_end = self.end = 0.0
-        self.steps = 0
-        self.test_start = self.test_end = 0.0
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize(pl_module.device)
-        self.start = time.perf_counter()
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if self.steps == self.warmup:
-            synchronize(pl_module.device)
-            self.warm_end = time.perf_counter()
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any, idx: int
-    ) -> None:
-        self.steps += 1
-        if self.steps == self.total:
-            synchronize(pl_module.device)
-            self.end = time.perf_counter()
-            trainer.should_stop = True
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize(pl_module.device)
-        self.test_start = time.perf_counter()
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize(pl_module.device)
-        self.test_end = time.perf_counter()
-
-    def result(self, cfg: BenchConfig, eval_batch_size: int, device: torch.device) -> PathResult:
-        if self.steps != self.total:  # not an assert: `python -O` would drop it, and report a wrong speed
-            raise RuntimeError(f"the step timer counted {self.steps} training steps, not {self.total}")
-        speed = cfg.steps * cfg.optimisation.batch_size / (self.end - self.warm_end)
-        return _result(
-            speed, self.warm_end - self.start, 10000 / (self.test_end - self.test_start), eval_batch_size, device
-        )
-
-
-def _result(speed: float, warmup_s: float, eval_speed: float, eval_batch_size: int, device: torch.device) -> PathResult:
-    # Epoch time from the steady speed plus the measured warm-up, so quick runs need no full epoch.
-    return PathResult(
-        train_images_per_s=speed,
-        warmup_s=warmup_s,
-        epoch_s=warmup_s + TRAIN_IMAGES / speed,
-        eval_images_per_s=eval_speed,
-        eval_batch_size=eval_batch_size,
-        eval_setup_s=0.0,
-        peak_rss_mb=peak_rss_mb(),
-        cuda_max_allocated_mb=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-    )
-
-
-def _total_steps(cfg: BenchConfig) -> int:
-    return cfg.warmup_steps + cfg.steps
-
-
-def _epochs_for(cfg: BenchConfig) -> tuple[int, int]:
-    """(full batches per epoch, epochs that hold the warm-up and measured steps). Only full
-    batches are trained: a partial last batch is a new shape, which `--compile` would recompile
-    for inside the timed window."""
-    batches = TRAIN_IMAGES // cfg.optimisation.batch_size
-    return batches, -(-_total_steps(cfg) // batches)
-
-
-def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, hw: Hardware, device: torch.device) -> PathResult:
-    """The floor: a plain loop, whole splits as float tensors on the device, no framework."""
-    torch.manual_seed(cfg.seed)
-    images, labels = (t.to(device) for t in dm.split("train"))
-    x_all = to_float_images(images)
-    net = ConvNet().to(device)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    net = net.to(memory_format=memory_format)
-    if cfg.model.compile:
-        net.compile()
-    opt = build_optimizer("adam", net.parameters(), lr=1e-3, weight_decay=0.0, device=device)  # as fmnist's
-    order = torch.randperm(len(labels), device=device)
-    n, eval_batch = cfg.optimisation.batch_size, cfg.evaluation.eval_batch_size
-
-    def step(i: int) -> None:
-        idx = order[(i * n) % (len(order) - n) :][:n]
-        x = x_all[idx].contiguous(memory_format=memory_format)
-        with _autocast(device, hw.precision):
-            loss = F.cross_entropy(net(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    synchronize(device)
-    start = time.perf_counter()
-    for i in range(cfg.warmup_steps):
-        step(i)
-    synchronize(device)
-    warm = time.perf_counter()
-    for i in range(cfg.warmup_steps, _total_steps(cfg)):
-        step(i)
-    synchronize(device)
-    speed = (_total_steps(cfg) - cfg.warmup_steps) * n / (time.perf_counter() - warm)
-
-    test_images = to_float_images(dm.split("test")[0].to(device))
-    net.eval()
-
-    def evaluate() -> None:
-        for i in range(0, len(test_images), eval_batch):
-            net(test_images[i : i + eval_batch].contiguous(memory_format=memory_format))
-
-    with torch.inference_mode(), _autocast(device, hw.precision):
-        if cfg.model.compile:
-            evaluate()  # compiles every evaluation shape, untimed
-        synchronize(device)
-        t0 = time.perf_counter()
-        evaluate()
-        synchronize(device)
-        eval_speed = len(test_images) / (time.perf_counter() - t0)
-    return _result(speed, warm - start, eval_speed, eval_batch, device)
 
 
 def bench_hardware(cfg: BenchConfig, precision: str) -> Hardware:
@@ -249,7 +103,7 @@ def bench_fmnist(
     cfg: BenchConfig, hw: Hardware, workdir: Path, overrides: dict[str, Any] | None = None, name: str = "fmnist"
 ) -> PathResult:
     """The project's own path, built by the same functions `fmnist fit` and `fmnist test` use."""
-    batches, epochs = _epochs_for(cfg)
+    batches, epochs = epochs_for(cfg)
     s = Settings(
         model=cfg.model,
         optimisation=cfg.optimisation,
@@ -261,7 +115,7 @@ def bench_fmnist(
     L.seed_everything(cfg.seed, verbose=False)
     dm = build_datamodule(s)
     model = build_model(s, dm)
-    timer = _StepTimer(cfg)
+    timer = StepTimer(cfg)
     # No validation: 0 is Lightning's "off", which `fit` refuses (its best checkpoint needs val/acc).
     trainer = build_trainer(s, hw, workdir / name, extra_callbacks=[timer], limit_val_batches=0)
     with known_warnings_hidden():
@@ -282,73 +136,6 @@ def bench_fmnist(
         "compile": s.model.compile,
     }
     return result
-
-
-class _TypicalModule(L.LightningModule):
-    """The LightningModule a typical tutorial writes: integer labels, per-step logging. It, and
-    the default `lightning.Trainer` that trains it, are the baseline on purpose: they are not
-    built by this package's factories."""
-
-    def __init__(self, channels_last: bool) -> None:
-        super().__init__()
-        self.net = ConvNet()
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = self.net.to(memory_format=self.memory_format)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.contiguous(memory_format=self.memory_format))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        x, y = batch
-        self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean())
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=1e-3)
-
-
-def _torchvision_copy(data_dir: str, root: Path) -> Path:
-    """torchvision's FashionMNIST wants the uncompressed files in ROOT/FashionMNIST/raw."""
-    paths, _ = locate(Path(data_dir), offline=True)
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for key, spec in FILES.items():
-        (raw / spec.name).write_bytes(read_verified(paths[key], spec))
-    return root
-
-
-def bench_typical(cfg: BenchConfig, hw: Hardware, workdir: Path, root: Path) -> PathResult:
-    """`root`: what `_torchvision_copy` made (once per benchmark, not per round)."""
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
-    train = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
-    test = datasets.FashionMNIST(str(root), train=False, transform=transforms.ToTensor())
-    L.seed_everything(cfg.seed, verbose=False)
-    model = _TypicalModule(cfg.model.channels_last)
-    if cfg.model.compile:
-        model.net.compile()
-    timer = _StepTimer(cfg)
-    trainer = L.Trainer(
-        accelerator=hw.accelerator,
-        devices=1,
-        precision=hw.precision,  # type: ignore[arg-type]
-        max_epochs=_epochs_for(cfg)[1],
-        callbacks=[timer],
-        default_root_dir=str(workdir / "typical"),
-    )
-    # The official 60k training file: one epoch holds more than 55k images' worth of full batches.
-    trainer.fit(model, DataLoader(train, batch_size=cfg.optimisation.batch_size, shuffle=True, drop_last=True))
-    test_loader = DataLoader(test, batch_size=cfg.evaluation.eval_batch_size)
-    if cfg.model.compile:
-        trainer.test(model, test_loader, verbose=False)  # compiles the evaluation shapes, untimed
-    trainer.test(model, test_loader, verbose=False)
-    return timer.result(cfg, cfg.evaluation.eval_batch_size, trainer.strategy.root_device)
 
 
 def round_order(paths: Sequence[T], round_index: int) -> list[T]:
@@ -373,7 +160,7 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
         workdir = Path(tmp)
         copy = "typical" in cfg.paths
-        torchvision_root = _torchvision_copy(cfg.data.data_dir, workdir / "torchvision") if copy else None
+        torchvision_root = torchvision_copy(cfg.data.data_dir, workdir / "torchvision") if copy else None
         for r in range(cfg.repeats):
             measured: dict[str, PathResult] = {}
             for row in round_order(rows, r):
@@ -500,7 +287,7 @@ def bench_data(data_dir: str = "data", batch_size: int = 128) -> dict[str, Any]:
     dm.setup()
     rates = {}
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-data-") as tmp:
-        root = _torchvision_copy(data_dir, Path(tmp))
+        root = torchvision_copy(data_dir, Path(tmp))
         tv = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
         tv_train = torch.utils.data.Subset(tv, range(dm.val_size, len(tv)))  # the same 55k images
         loaders: dict[str, Iterable[Any]] = {

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from fmnist_lightning.bench import PathResult, _ratios, _summary, round_order
+from fmnist_lightning.bench import _ratios, _summary, round_order
+from fmnist_lightning.timing import PathResult
 
 
 def _result(train: float, evaluation: float) -> PathResult:
@@ -120,9 +121,9 @@ def test_a_miscounted_timing_is_an_error_even_under_python_O() -> None:
     """The timer's check is a real one: `python -O`, which strips asserts, still raises it."""
     code = (
         "import types, torch\n"
-        "from fmnist_lightning.bench import _StepTimer\n"
+        "from fmnist_lightning.timing import StepTimer\n"
         "cfg = types.SimpleNamespace(warmup_steps=1, steps=6, optimisation=types.SimpleNamespace(batch_size=8192))\n"
-        "timer = _StepTimer(cfg)\n"
+        "timer = StepTimer(cfg)\n"
         "timer.steps = 6  # the fit ended one step early\n"
         "timer.result(cfg, 2500, torch.device('cpu'))\n"
     )
@@ -142,7 +143,7 @@ def test_steps_past_one_epoch_are_measured_exactly(
 
     timers: list[CountingTimer] = []
 
-    class CountingTimer(bench._StepTimer):
+    class CountingTimer(bench.StepTimer):
         def __init__(self, cfg: Any) -> None:
             super().__init__(cfg)
             self.epochs: list[int] = []  # the epoch of every training batch
@@ -163,7 +164,7 @@ def test_steps_past_one_epoch_are_measured_exactly(
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
             self.marks["steps trained"] = trainer.global_step
 
-    monkeypatch.setattr(bench, "_StepTimer", CountingTimer)
+    monkeypatch.setattr(bench, "StepTimer", CountingTimer)
     out = tmp_path / "bench.json"
     args = ("--batch-size", "8192", "--steps", "6", "--warmup-steps", "1", "--eval-batch-size", "2500")
     code, _, err = cli("bench", "--paths", "fmnist", *args, "--json", out)
