@@ -66,7 +66,7 @@ def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, hw: Hardware, device
     for i in range(cfg.warmup_steps, total_steps(cfg)):
         step(i)
     synchronize(device)
-    speed = (total_steps(cfg) - cfg.warmup_steps) * n / (time.perf_counter() - warm)
+    speed = cfg.steps * n / (time.perf_counter() - warm)
 
     test_images = to_float_images(dm.split("test")[0].to(device))
     net.eval()

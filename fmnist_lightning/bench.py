@@ -20,7 +20,6 @@ high-water mark after each path (later paths can only report the same or more).
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import platform
 import statistics
@@ -39,6 +38,7 @@ from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.evaluation import evaluation_engine
 from fmnist_lightning.hardware import (
     Hardware,
+    cpu_name,
     cpu_supports_bf16,
     hardware_for,
     resolve_hardware,
@@ -260,21 +260,13 @@ def _ratios(results: dict[str, PathResult], precisions: Sequence[str]) -> dict[s
 def _machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_bf16": cpu_supports_bf16(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def bench_data(data_dir: str = "data", batch_size: int = 128) -> dict[str, Any]:

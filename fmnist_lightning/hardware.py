@@ -8,6 +8,7 @@ can ask "am I rank 0?" without loading it.
 from __future__ import annotations
 
 import os
+import platform
 import socket
 import sys
 from dataclasses import dataclass
@@ -142,15 +143,26 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matrix units / instr
 CPU_BF16_BY_DEFAULT = True
 
 
-def cpu_bf16_flag(cpuinfo: Path | None = None) -> str | None:
+def _cpuinfo_values(key: str) -> list[str]:
+    """The values of CPU_INFO's `key` lines ("flags", "model name"); none where it cannot be read."""
+    try:
+        text = CPU_INFO.read_text()
+    except OSError:
+        return []
+    return [line.split(":", 1)[-1].strip() for line in text.splitlines() if line.startswith(key)]
+
+
+def cpu_bf16_flag() -> str | None:
     """The CPU's native-bf16 flag (amx_bf16 or avx512_bf16), or None: without one, PyTorch emulates
     bf16 on the CPU (AVX-512 alone included), which is slower than fp32."""
-    try:
-        text = (cpuinfo or CPU_INFO).read_text()
-    except OSError:
-        return None
-    flags = {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[-1].split()}
+    flags = {flag for value in _cpuinfo_values("flags") for flag in value.split()}
     return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)
+
+
+def cpu_name() -> str:
+    """The CPU's model name, named beside every figure (e.g. "AMD EPYC"); elsewhere what Python knows."""
+    names = _cpuinfo_values("model name")
+    return names[0] if names else platform.processor()
 
 
 def cpu_supports_bf16() -> bool:
