@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
 import typer
+from typer._click.exceptions import NoArgsIsHelpError  # Typer's own copy of Click does not export it
 
 from fmnist_lightning import __version__, render
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import close_process_group, is_global_zero
-from fmnist_lightning.options import with_options
+from fmnist_lightning.options import WholeSummariesGroup, with_options
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
 from fmnist_lightning.settings import (
     BENCH_OPTIONS,
@@ -41,11 +42,14 @@ from fmnist_lightning.settings_io import fit_settings, from_options, resolve_set
 
 app = typer.Typer(
     name="fmnist",
+    cls=WholeSummariesGroup,
     help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, tune, test, "
     "predict-samples, compare, bench, predict, export, report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # Click's plain help, not Rich's panels: Rich's table gives each option five columns and, in 80
+    # columns, cuts long option names ("--checkpoint-eve…"); Click's list wraps the text under them.
+    rich_markup_mode=None,
 )
 
 _debug = False  # set by --debug on the root command: show tracebacks instead of one-line errors
@@ -501,6 +505,9 @@ def main(args: list[str] | None = None) -> None:
         result = app(args=args, standalone_mode=False, prog_name="fmnist")
     except typer.Abort:
         sys.exit(130)
+    except NoArgsIsHelpError as exc:  # a bare `fmnist`: the "error" is the help
+        typer.echo(exc.format_message())
+        sys.exit(exc.exit_code)
     except Exception as exc:
         # Typer's (click's) usage errors carry `format_message` and `exit_code`; anything else is a bug.
         if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):

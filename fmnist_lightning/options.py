@@ -5,20 +5,26 @@ sections of evaluation; `names` picks some) to a Typer command as options: the f
 (Literal choices, `--x/--no-x` for booleans, comma lists, Lightning's count-or-fraction
 limits as text), its default and its description as help. An option counts as given when Click
 says it came from the command line (`ctx.get_parameter_source`); only those override a config file.
+`WholeSummariesGroup` lists the commands in the root help with their first sentences whole.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import typing
 from collections.abc import Callable, Iterable
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from fmnist_lightning.sections import FlatField, Sectioned
 from fmnist_lightning.settings_io import option_name
+
+if TYPE_CHECKING:
+    from typer._click import Context, HelpFormatter  # Typer's own copy of Click, which TyperGroup extends
 
 
 def _option(field: FlatField) -> inspect.Parameter:
@@ -76,3 +82,14 @@ def with_options(
         return command
 
     return decorate
+
+
+class WholeSummariesGroup(TyperGroup):
+    """The root help's command list with each command's whole first sentence, wrapped (Click's
+    plain help cuts it with "..." to fit one line)."""
+
+    def format_commands(self, ctx: Context, formatter: HelpFormatter) -> None:
+        commands = ((name, self.get_command(ctx, name)) for name in self.list_commands(ctx))
+        rows = [(name, cmd.get_short_help_str(limit=sys.maxsize)) for name, cmd in commands if cmd and not cmd.hidden]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
