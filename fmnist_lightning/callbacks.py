@@ -5,6 +5,7 @@ weight averaging."""
 from __future__ import annotations
 
 import csv
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -198,7 +199,7 @@ class GracefulInterrupt(Callback):
         run_dir = self.last_ckpt.parent.parent
         raise TrainingInterrupted(
             f"stopped by {name} in epoch {trainer.current_epoch + 1} after step {trainer.global_step}; "
-            f"saved {self.last_ckpt}. Continue with: fmnist fit --out {run_dir} --resume"
+            f"saved {self.last_ckpt}. Continue with: fmnist fit --out {shlex.quote(str(run_dir))} --resume"
         )
 
     def on_train_batch_end(

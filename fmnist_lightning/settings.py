@@ -15,6 +15,8 @@ sections are a code structure only: YAML keys, options and `config.yaml` stay fl
 Validation is strict (a YAML `max_epochs: "5"` or `dropout: 1` is refused, not guessed at), with
 one exception: numbers written as text, because YAML 1.1 reads `1e-3` (no dot) as a string and the
 CLI passes `--limit-*` as text ("10" is a count of batches, "0.5" a fraction, as in Lightning).
+A validator raises a PydanticCustomError worded as pydantic words its own rules ("Input should be
+..."): the error a user reads is the key, pydantic's message and the value (settings_io.py).
 
 This module imports neither torch nor lightning: `fmnist --help` must stay fast.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from fmnist_lightning.sections import Number, Section, Sectioned, comma_list, number_from_text
 
@@ -123,7 +126,7 @@ class HardwareSettings(Section):
         single = len(parts) == 1 and value.strip().isdigit() and int(value) >= 1
         listed = len(parts) > 1 and bool(ids) and all(p.isdigit() for p in ids)
         if value != "auto" and not (single or listed):
-            raise ValueError(f"must be 'auto', a count >= 1 or a list like '0,1', got {value!r}")
+            raise PydanticCustomError("devices", "Input should be 'auto', a count >= 1 or a list like '0,1'")
         return value
 
 
@@ -186,14 +189,16 @@ class RunSettings(Section):
     @classmethod
     def _batch_limit(cls, value: int | float) -> int | float:
         if (isinstance(value, int) and value < 1) or (isinstance(value, float) and not (0 < value <= 1)):
-            raise ValueError(f"must be a fraction in (0, 1] or a count >= 1, got {value}")
+            raise PydanticCustomError("batch_limit", "Input should be a fraction in (0, 1] or a count >= 1")
         return value
 
     @field_validator("overfit_batches")
     @classmethod
     def _overfit(cls, value: int | float) -> int | float:
         if value < 0 or (isinstance(value, float) and value > 1):
-            raise ValueError(f"must be 0 (off), a fraction in (0, 1] or a count >= 1, got {value}")
+            raise PydanticCustomError(
+                "overfit_batches", "Input should be 0 (off), a fraction in (0, 1] or a count >= 1"
+            )
         return value
 
 

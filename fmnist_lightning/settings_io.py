@@ -1,8 +1,8 @@
 """Settings in and out: YAML files and command-line options to validated settings, and back to config.yaml.
 
 `resolve_settings` layers defaults, a config file and the options given; `validated` turns a
-pydantic error into the one line a user reads, naming the key, the rule (read from the field's
-bounds) and where the value came from; `read_config` is the one reader of a settings file or a
+pydantic error into the one line a user reads, naming the key, the rule (pydantic's own words for
+it) and where the value came from; `read_config` is the one reader of a settings file or a
 run's config.yaml. This module imports neither torch nor lightning.
 """
 
@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
-from annotated_types import Ge, Gt, Le, Lt
 from pydantic import ValidationError
 
 from fmnist_lightning.errors import UsageError
@@ -28,68 +27,39 @@ Model = TypeVar("Model", bound=Sectioned)
 # Errors as one line
 
 
-def _rule(info: Any, numeric: type) -> str | None:
-    """The constraint of a field in words ('at least 1', 'in [0, 1)'), from its Field bounds."""
-    bounds: dict[str, Any] = {}
-    for m in info.metadata:
-        for kind in (Ge, Gt, Le, Lt):
-            if isinstance(m, kind):
-                bounds[kind.__name__.lower()] = getattr(m, kind.__name__.lower())
-    lo, hi = bounds.get("ge"), bounds.get("lt", bounds.get("le"))
-    if "gt" in bounds and bounds["gt"] == 0 and hi is None:
-        return "a positive integer" if numeric is int else "a positive number"
-    if lo is not None and hi is None:
-        return f"at least {lo}" if numeric is int else f">= {lo}"
-    if lo is not None and "le" in bounds:
-        return f"in {lo}..{hi}" if numeric is int else f"in [{lo}, {hi}]"
-    if lo is not None and "lt" in bounds:
-        return f"in [{lo}, {hi})"
-    return None
-
-
-def _choices(annotation: Any) -> tuple[str, ...]:
-    """The allowed values of a Literal field, or of the items of a tuple of Literals."""
-    if get_origin(annotation) is Literal:
-        return get_args(annotation)
-    if get_origin(annotation) is tuple:
-        return _choices(get_args(annotation)[0])
+def _item_choices(annotation: Any) -> tuple[str, ...]:
+    """The allowed items of a tuple of Literals (`logger`, `paths`), or ()."""
+    if get_origin(annotation) is tuple and get_origin(item := get_args(annotation)[0]) is Literal:
+        return get_args(item)
     return ()
 
 
-def _numeric_type(annotation: Any) -> type:
-    for kind in (int, float):
-        if annotation is kind or kind in get_args(annotation):
-            return kind
-    return str
+def _flat_name(model: type[Sectioned], loc: tuple[Any, ...]) -> tuple[str, int]:
+    """The flat name an error's location points at, and how many parts of the location that takes:
+    a section's field is reported by its own name, ("optimisation", "lr") -> "lr"."""
+    if len(loc) > 1 and loc[0] in model.sections():
+        return str(loc[1]), 2
+    return (str(loc[0]), 1) if loc else ("settings", 0)
 
 
-def describe_error(model: type[Sectioned], error: Any) -> str:
-    """One pydantic error as the sentence a user reads: the key, what it must be, what it got."""
-    loc = [str(part) for part in error["loc"]]
-    # A section's field is reported by its own (flat) name: ("optimisation", "lr") -> "lr".
-    name = loc[1] if len(loc) > 1 and loc[0] in model.sections() else (loc[0] if loc else "settings")
-    value, kind = error.get("input"), error["type"]
+def describe_error(model: type[Sectioned], errors: list[Any]) -> tuple[str, str]:
+    """The first of pydantic's errors as (the flat name, the sentence a user reads): the name,
+    the rule in pydantic's own words (`error["msg"]`; validators word theirs alike), so every
+    constraint, including ones added later, is described by what it checks, and the value it checked."""
+    first = errors[0]
+    name, depth = _flat_name(model, first["loc"])
     fields = model.flat_fields()
-    if kind == "extra_forbidden":
-        return f"unknown setting {name!r}; known settings: {', '.join(fields)}"
-    info = fields[name].info
-    if kind == "value_error":
-        return f"{name} {error['ctx']['error']}"
-    choices = _choices(info.annotation)
-    if kind == "too_short":
-        return f"{name} names none; choose from {', '.join(choices)}"
-    if kind == "literal_error" or choices:
-        return f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}"
-    numeric = _numeric_type(info.annotation)
-    rule = _rule(info, numeric)
-    if kind.endswith(("_type", "_parsing")) or rule is None:
-        args = get_args(info.annotation)
-        if int in args and float in args:
-            wanted = "number"
-        else:
-            wanted = info.annotation.__name__ if isinstance(info.annotation, type) else numeric.__name__
-        return f"setting {name!r} must be of type {wanted}, got {value!r} ({type(value).__name__})"
-    return f"{name} must be {rule}, got {value!r}"
+    if first["type"] == "extra_forbidden":
+        return name, f"unknown setting {name!r}; known settings: {', '.join(fields)}"
+    field_loc = first["loc"][:depth]
+    if len(first["loc"]) > depth and isinstance(first["loc"][depth], str):
+        # A union (`int | float`) reports one error per member type, tagged by its name: all apply.
+        rule = " or ".join(dict.fromkeys(e["msg"] for e in errors if e["loc"][:depth] == field_loc))
+    else:
+        rule = first["msg"]
+    if first["type"] == "too_short" and (choices := _item_choices(fields[name].info.annotation)):
+        rule += f" (choose from {', '.join(choices)})"
+    return name, f"{name}: {rule}, got {first.get('input')!r}"
 
 
 def validated(model: type[Model], values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Model:
@@ -98,11 +68,8 @@ def validated(model: type[Model], values: Mapping[str, Any], sources: Mapping[st
     try:
         return model.model_validate(dict(values))
     except ValidationError as exc:
-        error = exc.errors()[0]
-        loc = [str(part) for part in error["loc"]]
-        key = loc[-1] if loc else ""
-        message = describe_error(model, error)
-        source = (sources or {}).get(key)
+        name, message = describe_error(model, exc.errors())
+        source = (sources or {}).get(name)
         if source and source.startswith("config file"):
             message = f"{source}: {message}"
         elif source:

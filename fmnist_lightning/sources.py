@@ -1,8 +1,9 @@
 """Where the Fashion-MNIST files come from, and proof that they are the official ones.
 
 In order: `data_dir` (flat, or torchvision's `FashionMNIST/raw/` layout, gzipped or not), Debian's
-`dataset-fashion-mnist` package, then torchvision's download (unless offline). Every file is
-checked against pinned checksums before use.
+`dataset-fashion-mnist` package, then a download of the official archives from the mirror
+torchvision uses (unless offline; a failed download says why: the host name, the connection, the
+HTTP status, a timeout or the checksum). Every file is checked against pinned checksums before use.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import gzip
 import hashlib
 import logging
 import os
+import socket
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,36 +138,97 @@ def parse_idx(content: bytes, path: Path) -> torch.Tensor:
     return torch.from_numpy(array.reshape(shape).copy())
 
 
+# The official archives, where torchvision downloads them from.
+MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# Per connection attempt and per read: a dead or filtered network fails in seconds instead of
+# hanging (urllib's default is to wait forever).
+DOWNLOAD_TIMEOUT_S = 30.0
+
+
+class DownloadFailed(Exception):
+    """Why one file could not be downloaded, in words (caught by `_download`, never shown alone)."""
+
+
+def _network_reason(host: str, error: BaseException | str) -> str:
+    """What stopped a connection to `host`: the name, the network, the server or the clock."""
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve the host name {host} (no network, or DNS failed: {error.strerror})"
+    if isinstance(error, TimeoutError):
+        return f"{host} did not answer within {DOWNLOAD_TIMEOUT_S:g} s"
+    if isinstance(error, ConnectionRefusedError):
+        return f"{host} refused the connection (nothing listens there)"
+    if isinstance(error, OSError) and error.strerror:
+        return f"cannot connect to {host}: {error.strerror} (no network?)"
+    return f"{host}: {error}" if isinstance(error, str) else f"{host}: {type(error).__name__}: {error}"
+
+
+def _fetch(spec: IdxFile) -> bytes:
+    """The official archive of one file from the mirror, checked against its pinned md5."""
+    import http.client
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    url = f"{MIRROR}{spec.name}.gz"
+    host = urllib.parse.urlsplit(url).netloc
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
+            data = response.read()
+    except urllib.error.HTTPError as exc:
+        raise DownloadFailed(f"{url} answered HTTP {exc.code} {exc.reason}") from None
+    except urllib.error.URLError as exc:  # before an answer: the name, the connection
+        raise DownloadFailed(_network_reason(host, exc.reason)) from None
+    except http.client.IncompleteRead as exc:
+        raise DownloadFailed(f"{url}: the connection closed after {len(exc.partial)} bytes") from None
+    except (OSError, http.client.HTTPException) as exc:  # while answering: a timeout, a reset
+        raise DownloadFailed(_network_reason(host, exc)) from None
+    digest = hashlib.md5(data).hexdigest()
+    if digest != spec.gz_md5:
+        raise DownloadFailed(
+            f"{url} sent {len(data)} bytes that fail the checksum (md5 {digest[:12]}..., expected "
+            f"{spec.gz_md5[:12]}...), not the official file"
+        )
+    return data
+
+
 def _download(data_dir: Path) -> dict[str, Path]:
+    """The four official archives into DATA_DIR/FashionMNIST/raw (torchvision's layout), each
+    checked before it is written, and written whole (a temporary file renamed into place)."""
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir} is a file; give a folder to download Fashion-MNIST into")
+    raw = data_dir / "FashionMNIST" / "raw"
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        raw.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create --data-dir {data_dir} to download into: {exc.strerror}") from None
-    if not os.access(data_dir, os.W_OK):
+    if not os.access(raw, os.W_OK):
         raise DataError(f"--data-dir {data_dir} is not writable; download needs a writable folder")
-    from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
-
-    log.info("downloading Fashion-MNIST into %s", data_dir / "FashionMNIST" / "raw")
-    try:
-        TorchvisionFashionMNIST(root=str(data_dir), train=True, download=True)
-        TorchvisionFashionMNIST(root=str(data_dir), train=False, download=True)
-    except Exception as exc:  # network errors come in many types; the first line says enough
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(
-            f"Fashion-MNIST not found in {data_dir}, {data_dir / 'FashionMNIST' / 'raw'} or {SYSTEM_DATA_DIR}, and "
-            f"the download failed ({reason}); copy the four IDX files into {data_dir} or install Debian's "
-            "dataset-fashion-mnist"
-        ) from None
+    log.info("downloading Fashion-MNIST into %s", raw)
+    for spec in FILES.values():
+        target = raw / f"{spec.name}.gz"
+        if target.is_file():  # an earlier download got this far
+            continue
+        try:
+            data = _fetch(spec)
+        except DownloadFailed as exc:
+            raise DataError(
+                f"Fashion-MNIST not found in {data_dir}, {raw} or {SYSTEM_DATA_DIR}, and the download of "
+                f"{target.name} failed: {exc}; copy the four IDX files into {data_dir} or install Debian's "
+                "dataset-fashion-mnist"
+            ) from None
+        partial = target.with_name(f"{target.name}.part")
+        partial.write_bytes(data)
+        partial.replace(target)
     found = _find_set(data_dir)
     if found is None:
-        raise DataError(f"download finished but the files are not in {data_dir / 'FashionMNIST' / 'raw'}")
+        raise DataError(f"download finished but the files are not in {raw}")
     return found
 
 
-def locate(data_dir: Path, offline: bool, system_dir: Path = SYSTEM_DATA_DIR) -> tuple[dict[str, Path], str]:
-    """Find the four files: data_dir, then the system copy, then a download. Returns paths and a description."""
+def locate(data_dir: Path, offline: bool, system_dir: Path | None = None) -> tuple[dict[str, Path], str]:
+    """Find the four files: data_dir, then the system copy (SYSTEM_DATA_DIR unless given), then a
+    download. Returns paths and a description."""
+    system_dir = SYSTEM_DATA_DIR if system_dir is None else system_dir
     if data_dir.exists() and not data_dir.is_dir():
         raise UsageError(
             f"--data-dir {data_dir} is a file, not a folder; give the folder that holds (or will hold) "

@@ -87,16 +87,23 @@ def test_rank_zero_under_every_launcher(env: dict[str, str], zero: bool, monkeyp
 def test_settings_name_the_key_the_rule_and_where_the_value_came_from(tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("max-epochs: 0\nlr: 1e-3\n")  # dashes allowed; YAML 1.1 reads 1e-3 as text
-    with pytest.raises(UsageError, match=rf"^config file {config}: max_epochs must be at least 1, got 0$"):
+    with pytest.raises(
+        UsageError, match=rf"^config file {config}: max_epochs: Input should be greater than or equal to 1, got 0$"
+    ):
         resolve_settings(config)
     s = resolve_settings(config, {"max_epochs": 3, "limit_train_batches": "10", "limit_val_batches": "0.5"})
     limits = (s.run.limit_train_batches, s.run.limit_val_batches)
     assert (s.run.max_epochs, s.optimisation.lr, *limits) == (3, 0.001, 10, 0.5)
-    with pytest.raises(UsageError, match=r"^dropout_conv must be in \[0, 1\), got 1.5 \(from --dropout-conv\)$"):
+    with pytest.raises(
+        UsageError, match=r"^dropout_conv: Input should be less than 1, got 1.5 \(from --dropout-conv\)$"
+    ):
         resolve_settings(config, {"max_epochs": 3, "dropout_conv": 1.5})
-    with pytest.raises(UsageError, match="setting 'dropout' must be of type bool, got 'yes'"):
+    with pytest.raises(UsageError, match=r"^dropout: Input should be a valid boolean, got 'yes' \(from --dropout\)$"):
         resolve_settings(None, {"dropout": "yes"})  # strict: no guessing at booleans
-    with pytest.raises(UsageError, match="devices must be 'auto', a count >= 1 or a list"):
+    with pytest.raises(
+        UsageError,
+        match=r"^devices: Input should be 'auto', a count >= 1 or a list like '0,1', got '0' \(from --devices\)$",
+    ):
         resolve_settings(None, {"devices": "0"})
     assert resolve_settings(None, {"devices": 2}).hardware.devices == "2"  # YAML `devices: 2`
 

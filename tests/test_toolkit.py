@@ -100,7 +100,7 @@ def test_bad_values_are_one_line_usage_errors(cli) -> None:
     code, _, err = cli("fit", "--early-stopping-monitor", "train/loss")
     assert code == 2 and "'train/loss' is not one of 'val/acc', 'val/loss'" in err
     code, _, err = cli("fit", "--accumulate-grad-batches", "0")
-    assert code == 2 and "accumulate_grad_batches must be at least 1" in err
+    assert code == 2 and "accumulate_grad_batches: Input should be greater than or equal to 1, got 0" in err
 
 
 def test_validation_interval_beyond_the_epoch_is_a_usage_error(real_data: None, cli, tmp_path: Path) -> None:
