@@ -449,27 +449,11 @@ def serve(given: dict[str, Any], ckpt: NewestCkptOption = None) -> None:
     """
     with user_errors():
         settings = from_options(ServeRun, given)
-        serving = settings.serve
-        from fmnist_lightning.extras import require_extra
-
-        require_extra("serve", ("litserve", "multipart"), "fmnist serve")
-        if serving.engine == "onnxruntime":
-            require_extra("export", ("onnx", "onnxscript", "onnxruntime"), "--engine onnxruntime")
         ckpt = _checkpoint(ckpt)
         quiet_lightning()
-        from fmnist_lightning.checkpoints import read_checkpoint
-        from fmnist_lightning.hardware import hardware_for
-        from fmnist_lightning.serve import API_KEY_ENV, ServeOptions, run_server
+        from fmnist_lightning.serve import serve_checkpoint
 
-        read_checkpoint(ckpt)  # a wrong --ckpt is one line here, not a failed worker
-        on_gpu = hardware_for(settings.hardware).on_gpu and serving.engine == "torch"
-        options = ServeOptions(
-            **{**dict(serving), "api_key": serving.api_key or os.environ.get(API_KEY_ENV) or None},
-            ckpt=ckpt,
-            accelerator="cuda" if on_gpu else "cpu",
-        )
-        render.serving(options)
-        run_server(options)
+        serve_checkpoint(ckpt, settings, announce=render.serving)
         render.err_console.print("stopped")
 
 

@@ -240,6 +240,10 @@ def _param_text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'es' if thing.endswith('s') else 's'}" if number != 1 else f"1 {thing}"
+
+
 def serving(options: Any) -> None:
     """What `fmnist serve` is about to serve, where, and whether it is open (a ServeOptions)."""
     host = f"[{options.host}]" if ":" in options.host else options.host
@@ -250,8 +254,8 @@ def serving(options: Any) -> None:
     )
     err_console.print(
         f"serving {escape(str(options.ckpt))} at http://{host}:{options.port}/ ({options.engine} on "
-        f"{options.accelerator}, {options.workers} worker{'s' * (options.workers > 1)}, {batching}, uploads up to "
-        f"{options.max_upload_mb:g} MB); Ctrl-C stops it",
+        f"{options.accelerator}, {_count(options.workers, 'worker')}, {_count(options.api_servers, 'HTTP process')}, "
+        f"{batching}, uploads up to {options.max_upload_mb:g} MB); Ctrl-C stops it",
         highlight=False,
         soft_wrap=True,
     )
@@ -263,4 +267,7 @@ def serving(options: Any) -> None:
             soft_wrap=True,
         )
     else:
-        err_console.print("requests need the API key in their X-API-Key header", highlight=False)
+        err_console.print(
+            "requests to /predict need the API key in their X-API-Key header (/health and the page are open)",
+            highlight=False,
+        )

@@ -264,17 +264,26 @@ class ServeSettings(Section):
     engine: Literal["torch", "onnxruntime"] = Field(
         "torch", description="What runs the network: torch, or onnxruntime (CPU; needs the 'export' extra)."
     )
-    workers: int = Field(1, ge=1, le=64, description="Inference worker processes (and HTTP processes).")
+    workers: int = Field(
+        1, ge=1, le=64, description="Inference worker processes: each loads the model and runs batches."
+    )
+    api_servers: int = Field(
+        1, ge=1, le=64, description="HTTP processes: each receives requests, checks the key and decodes images."
+    )
     max_batch_size: int = Field(
         16, ge=1, le=1024, description="Batch up to this many concurrent requests (1: no batching)."
     )
     batch_timeout: Annotated[float, Number] = Field(
-        0.005, ge=0, le=1, description="Seconds a batch waits to fill before it runs."
+        0.005,
+        ge=0,
+        le=1,
+        description="Seconds a free worker gathers requests into a batch; a request that comes after that "
+        "runs at once.",
     )
     api_key: str | None = Field(
         None,
-        description="Require this key in every request's X-API-Key header (default: $FMNIST_SERVE_API_KEY; "
-        "unset: the server is open, and says so).",
+        description="Require this key in the X-API-Key header of /predict requests; /health and the page stay "
+        "open (default: $FMNIST_SERVE_API_KEY; unset: the server is open, and says so).",
     )
     max_upload_mb: Annotated[float, Number] = Field(
         10.0, gt=0, description="Refuse uploads larger than this many MB (413)."

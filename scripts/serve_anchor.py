@@ -3,10 +3,11 @@
     python scripts/serve_anchor.py --ckpt runs/001/checkpoints/best.ckpt --port 8001
 
 POST /predict reads and preprocesses the request exactly as `fmnist serve` does (the same FastAPI
-dependency, `serve.read_image_request`) and runs the same model the same way
-(`serve.load_serving_model`, `inference.class_probabilities`, `serve.encode_prediction`), but in the
-HTTP process itself, one request at a time: no LitServe, no worker process, no batching. Listens on
-127.0.0.1 only. scripts/serve_load.py measures both; docs/using-the-model.md has the table.
+dependency, `serve_app.read_image_request`, behind the same upload limit) and runs the same model
+the same way (`serve_app.load_serving_model`, `inference.class_probabilities`,
+`serve_app.encode_prediction`), but in the HTTP process itself, one request at a time: no LitServe,
+no worker process, no batching. Listens on 127.0.0.1 only. scripts/serve_load.py measures both;
+docs/using-the-model.md has the table.
 """
 
 import argparse
@@ -21,7 +22,14 @@ from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import JSONResponse
 
 from fmnist_lightning.inference import class_probabilities, pixels_to_input
-from fmnist_lightning.serve import DECODE_SLOTS, ServeOptions, encode_prediction, load_serving_model, read_image_request
+from fmnist_lightning.serve_app import (
+    DECODE_SLOTS,
+    ServeOptions,
+    UploadLimit,
+    encode_prediction,
+    load_serving_model,
+    read_image_request,
+)
 
 
 def anchor_app(options: ServeOptions) -> FastAPI:
@@ -30,6 +38,7 @@ def anchor_app(options: ServeOptions) -> FastAPI:
     app = FastAPI(openapi_url=None)
     app.state.fmnist_options = options
     app.state.fmnist_decode_slots = anyio.CapacityLimiter(DECODE_SLOTS)
+    app.add_middleware(UploadLimit, limit=int(options.max_upload_mb * 1e6))
 
     @app.post("/predict")
     def predict(request: Annotated[dict, Depends(read_image_request)]) -> Any:

@@ -58,25 +58,43 @@ class Server:
             time.sleep(0.3)
         raise TimeoutError(f"server not ready after {timeout_s} s:\n{self.log.read_text()}")
 
-    def tree_pss_mb(self) -> float:
-        """Memory of the server's processes (the main one and all its descendants): the sum of their
-        proportional set sizes (/proc/PID/smaps_rollup), so pages that forked processes share count once."""
-        pids, total = [self.process.pid], 0
-        seen: set[int] = set()
+    def tree(self) -> list[int]:
+        """The server's processes: the main one and all its descendants (the children of every thread)."""
+        pids, found = [self.process.pid], []
         while pids:
             pid = pids.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
+            found.append(pid)
             try:
-                status = Path(f"/proc/{pid}/smaps_rollup").read_text()
-                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                for thread in os.listdir(f"/proc/{pid}/task"):
+                    pids += [int(c) for c in Path(f"/proc/{pid}/task/{thread}/children").read_text().split()]
+            except OSError:  # it ended meanwhile
+                continue
+        return found
+
+    def tree_pss_mb(self) -> float:
+        """Memory of the server's processes: the sum of their proportional set sizes
+        (/proc/PID/smaps_rollup), so pages that forked processes share count once."""
+        total = 0
+        for pid in self.tree():
+            try:
+                found = re.search(r"^Pss:\s+(\d+) kB", Path(f"/proc/{pid}/smaps_rollup").read_text(), re.MULTILINE)
             except OSError:
                 continue
-            found = re.search(r"^Pss:\s+(\d+) kB", status, re.MULTILINE)
             total += int(found.group(1)) if found else 0
-            pids += [int(c) for c in children]
         return total / 1024
+
+    def cpu_seconds(self, pids: list[int]) -> dict[str, float]:
+        """CPU time (user + system, /proc/PID/stat) each of `pids` has used so far, by 'PID command line'."""
+        used = {}
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            utime, stime = stat[stat.rindex(")") + 2 :].split()[11:13]  # fields 14 and 15 of proc(5)
+            used[f"{pid} {command[:90]}"] = (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK")
+        return used
 
     def stop(self, sig: signal.Signals) -> int:
         os.killpg(self.process.pid, sig) if sig == signal.SIGINT else self.process.send_signal(sig)
@@ -209,6 +227,24 @@ def test_short_load_loses_no_request(server: Server) -> None:
     assert report["p50_ms"] <= report["p95_ms"] <= report["p99_ms"]
 
 
+IDLE_S = 20.0
+
+
+def test_an_idle_server_costs_under_1_percent_of_a_core(server: Server) -> None:
+    """With no requests, the whole process tree (main, LitServe's manager, HTTP and inference
+    processes) uses under 1% of a core: nothing polls in a tight loop (issue 27). After the tests
+    above, so the server has served traffic first."""
+    time.sleep(3)  # connections of the tests above close, the last answers go out
+    pids = server.tree()
+    before, start = server.cpu_seconds(pids), time.monotonic()
+    time.sleep(IDLE_S)
+    after, wall = server.cpu_seconds(pids), time.monotonic() - start
+    used = {name: round(after[name] - before[name], 2) for name in after if name in before}
+    assert len(used) >= 4, used  # main, manager, HTTP, worker: all of them measured
+    print(f"idle server: {sum(used.values()):.2f} s of CPU in {wall:.1f} s")
+    assert sum(used.values()) / wall < 0.01, f"{sum(used.values()):.2f} s of CPU in {wall:.0f} s idle: {used}"
+
+
 def test_load_script_sends_only_to_127_0_0_1() -> None:
     for url in ("http://localhost:8000/predict", "http://10.0.0.1:8000/predict", "https://127.0.0.1/predict"):
         result = subprocess.run(
@@ -293,6 +329,14 @@ def test_page_in_chromium_classifies_an_uploaded_image(server: Server, tmp_path:
         Image.open(shot).convert("P", palette=Image.Palette.ADAPTIVE, colors=64).save(target, optimize=True)
 
 
+def test_upload_without_a_length_is_cut_at_the_limit(server: Server) -> None:
+    """A chunked upload says no Content-Length: it is refused once the limit's bytes came."""
+    chunk = os.urandom(100_000)
+    chunks = (chunk for _ in range(int(UPLOAD_LIMIT_MB * 1e6) // len(chunk) + 2))
+    answer = post(server.url, chunks)  # a generator: requests sends it chunked
+    assert answer.status_code == 413 and answer.json()["detail"].endswith("limit of 1 MB."), answer.text
+
+
 def test_ctrl_c_stops_the_server_cleanly(server: Server) -> None:
     """Last of the shared server's tests: Ctrl-C (SIGINT to its whole process group) stops it."""
     assert server.stop(signal.SIGINT) == 0
@@ -309,13 +353,15 @@ def test_api_key_onnxruntime_unbatched_and_sigterm(trained_run: Path, tmp_path: 
     s = Server(_ckpt(trained_run), tmp_path / "server.log", "--engine", "onnxruntime", "--max-batch-size", "1",
                env={"FMNIST_SERVE_API_KEY": KEY})  # fmt: skip
     try:
-        s.wait_ready(headers={"X-API-Key": KEY})
+        s.wait_ready()  # /health needs no key: load balancers and Kubernetes probes carry none
         png = (SHIPPED / "ankle_boot.png").read_bytes()
         for headers in ({}, {"X-API-Key": "wrong"}):
-            for method, path in (("GET", "/health"), ("POST", "/predict")):
+            assert requests.get(s.url + "/health", headers=headers, timeout=10).text == "ok"
+            for method, path in (("POST", "/predict"), ("GET", "/info")):
                 response = requests.request(method, s.url + path, data=png, headers=headers, timeout=10)
                 assert response.status_code == 401 and response.json()["detail"].endswith("."), (path, headers)
-        assert requests.get(s.url, timeout=5).status_code == 200  # the page itself holds nothing
+        page = requests.get(s.url, timeout=5)  # the page itself holds nothing
+        assert page.status_code == 200 and '"Ankle boot"' in page.text
         answer = requests.post(
             f"{s.url}/predict?top_k=10", data=png, headers={"X-API-Key": KEY, "Content-Type": "image/png"}, timeout=30
         ).json()
@@ -325,7 +371,8 @@ def test_api_key_onnxruntime_unbatched_and_sigterm(trained_run: Path, tmp_path: 
         )
         assert s.stop(signal.SIGTERM) == 0
         log = s.log.read_text()
-        assert "Traceback" not in log and "requests need the API key" in log and log.count("refused") == 4, log
+        assert "Traceback" not in log and log.count("refused") == 4, log
+        assert "requests to /predict need the API key" in log, log
     finally:
         s.kill()
 
@@ -342,7 +389,7 @@ def test_averaged_and_bf16_checkpoints_serve_as_predict_reads_them(tmp_path: Pat
     loads each as `predict` does."""
     import torch
 
-    from fmnist_lightning.serve import FashionAPI, ServeOptions
+    from fmnist_lightning.serve_app import FashionAPI, ServeOptions
     from fmnist_lightning.settings import Settings
     from fmnist_lightning.training import run_fit
 
@@ -362,6 +409,63 @@ def test_averaged_and_bf16_checkpoints_serve_as_predict_reads_them(tmp_path: Pat
         by_class = sorted(served["top_k"], key=lambda c: c["class_index"])
         assert [c["probability"] for c in by_class] == pytest.approx(expected, abs=1e-5), (averaging, precision)
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))  # setup() set it for a worker process
+
+
+@pytest.mark.parametrize("batch_timeout", [0.005, 0.0])
+def test_an_idle_worker_waits_for_requests_instead_of_polling(batch_timeout: float) -> None:
+    """The batched loop reads its (empty) queue once per IDLE_WAIT_S, not every millisecond; a lone
+    request runs at once; requests waiting together form one batch. This also holds LitServe to
+    how its batched loop reads the queue (`_FirstReadWaits` relies on it)."""
+    from queue import Queue
+
+    need("litserve", "serve")
+    from fmnist_lightning.serve_app import IDLE_WAIT_S, ServeOptions, WaitingBatchedLoop, build_server
+
+    class CountingQueue(Queue):
+        reads = 0
+
+        def get(self, block: bool = True, timeout: float | None = None) -> object:
+            self.reads += 1
+            return super().get(block, timeout)
+
+    api = build_server(ServeOptions(ckpt=Path("x.ckpt"), batch_timeout=batch_timeout)).lit_api
+    assert isinstance(api.loop, WaitingBatchedLoop)
+    queue = CountingQueue()
+    start = time.monotonic()
+    assert api.loop.get_batch_requests(api, queue, None) == ([], [])
+    assert queue.reads == 1 and time.monotonic() - start >= IDLE_WAIT_S * 0.9
+    queue.put((0, "lone", time.monotonic(), b"x"))
+    assert api.loop.get_batch_requests(api, queue, None) == ([(0, "lone", b"x")], [])
+    for uid in ("a", "b", "c"):
+        queue.put((0, uid, time.monotonic(), uid.encode()))
+    assert [uid for _, uid, _ in api.loop.get_batch_requests(api, queue, None)[0]] == ["a", "b", "c"]
+
+
+def test_litserve_details_serve_relies_on_are_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serve_app uses LitServe's public API and two details it does not promise: the shutdown event
+    that a signal sets (checked here; the queue reads in the test above). A LitServe release that
+    changes them fails here. Also: the page is served without removing LitServe's routes, and the
+    workers and HTTP processes are two settings."""
+    import inspect
+
+    need("litserve", "serve")
+    import litserve as ls
+
+    from fmnist_lightning.serve_app import ServeOptions, run_server
+
+    assert "self._shutdown_event.wait()" in inspect.getsource(ls.LitServer.run)
+    seen: dict[str, object] = {}
+
+    def run(self: ls.LitServer, **options: object) -> None:  # instead of starting the processes
+        seen.update(options, workers=self.workers_per_device, event=self._shutdown_event)
+        seen["routes"] = {getattr(route, "path", None) for route in self.app.routes}
+
+    monkeypatch.setattr(ls.LitServer, "run", run)
+    run_server(ServeOptions(ckpt=Path("x.ckpt"), workers=3, api_servers=2))
+    assert seen["event"] is None  # run() creates it, then waits on it
+    assert {"/", "/health", "/info", "/predict"} <= seen["routes"]  # type: ignore[operator]
+    assert (seen["workers"], seen["num_api_servers"]) == (3, 2)
+    assert ServeOptions(ckpt=Path("x.ckpt")).workers == ServeOptions(ckpt=Path("x.ckpt")).api_servers == 1
 
 
 def test_serve_without_the_extra_says_so_in_one_line(cli, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
