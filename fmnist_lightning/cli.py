@@ -29,7 +29,6 @@ from fmnist_lightning.hardware import close_process_group, is_global_zero
 from fmnist_lightning.options import with_options
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
 from fmnist_lightning.settings import (
-    BENCH_OPTIONS,
     BenchConfig,
     DataSettings,
     EvaluationRun,
@@ -340,7 +339,7 @@ def tune(
 
 
 @app.command()
-@with_options(BenchConfig, BENCH_OPTIONS)
+@with_options(BenchConfig)
 def bench(
     given: dict[str, Any],
     json_path: Annotated[
@@ -360,7 +359,7 @@ def bench(
         render.bench(result)
         if json_path:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(result, indent=2) + "\n")
+            json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
             render.wrote(json_path)
 
 
@@ -454,11 +453,11 @@ def serve(given: dict[str, Any], ckpt: NewestCkptOption = None) -> None:
         ckpt = _checkpoint(ckpt)
         quiet_lightning()
         from fmnist_lightning.checkpoints import read_checkpoint
-        from fmnist_lightning.hardware import hardware_for
+        from fmnist_lightning.hardware import resolve_hardware
         from fmnist_lightning.serve import API_KEY_ENV, ServeOptions, run_server
 
         read_checkpoint(ckpt)  # a wrong --ckpt is one line here, not a failed worker
-        on_gpu = hardware_for(settings.hardware).on_gpu and serving.engine == "torch"
+        on_gpu = resolve_hardware(settings.hardware).on_gpu and serving.engine == "torch"
         options = ServeOptions(
             **{**dict(serving), "api_key": serving.api_key or os.environ.get(API_KEY_ENV) or None},
             ckpt=ckpt,

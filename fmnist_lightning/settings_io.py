@@ -17,11 +17,11 @@ from pydantic import ValidationError
 
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.runs import CONFIG
-from fmnist_lightning.sections import Sectioned
+from fmnist_lightning.sections import FlatModel
 from fmnist_lightning.settings import Settings
 
 PROVENANCE_KEY = "provenance"  # versions, git commit and resolved hardware, in each run's config.yaml
-Model = TypeVar("Model", bound=Sectioned)
+Model = TypeVar("Model", bound=FlatModel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ def _numeric_type(annotation: Any) -> type:
     return str
 
 
-def describe_error(model: type[Sectioned], error: Any) -> str:
+def describe_error(model: type[FlatModel], error: Any) -> str:
     """One pydantic error as the sentence a user reads: the key, what it must be, what it got."""
     loc = [str(part) for part in error["loc"]]
     # A section's field is reported by its own (flat) name: ("optimisation", "lr") -> "lr".
@@ -176,7 +176,7 @@ def fit_settings(config: Path | None, overrides: Mapping[str, Any], out: Path | 
     return resolve_settings(config, overrides)
 
 
-def save_yaml(settings: Sectioned, path: Path, provenance: Mapping[str, Any] | None = None) -> None:
+def save_yaml(settings: FlatModel, path: Path, provenance: Mapping[str, Any] | None = None) -> None:
     """Write the resolved settings, flat (and where they ran: versions, git commit, hardware) as YAML."""
     import yaml
 
