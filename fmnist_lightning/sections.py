@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 from pydantic.fields import FieldInfo
@@ -99,12 +99,16 @@ class FlatModel(StrictModel):
         return self.model_validate({**self.flat(), **changes})
 
 
+def _is_section(annotation: Any) -> TypeGuard[type[Section]]:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
+
+
 class Sectioned(FlatModel):
     """Settings composed of sections, built from and dumped to one flat mapping of setting names.
 
     `Settings(lr=0.01)`, `Settings.model_validate({"lr": 0.01, "seed": 1})` and a nested
     `{"optimisation": {"lr": 0.01}}` all work; `flat()` gives the flat mapping back (config.yaml).
-    Every field is a section, and a setting's name belongs to one section only.
+    Every field is a section, and a setting's name must belong to one section only.
     """
 
     @classmethod
@@ -116,7 +120,7 @@ class Sectioned(FlatModel):
 
     @classmethod
     def sections(cls) -> dict[str, type[Section]]:
-        return {name: info.annotation for name, info in cls.model_fields.items()}  # type: ignore[misc]
+        return {name: info.annotation for name, info in cls.model_fields.items() if _is_section(info.annotation)}
 
     @classmethod
     def flat_fields(cls) -> dict[str, FlatField]:
@@ -154,7 +158,3 @@ class Sectioned(FlatModel):
         for section in self.model_dump(mode="json" if json else "python").values():
             flat.update(section)
         return flat
-
-
-def _is_section(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, Section)
