@@ -40,13 +40,13 @@ def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, hw: Hardware, device
     images, labels = (t.to(device) for t in dm.split("train"))
     x_all = to_float_images(images)
     net = ConvNet().to(device)
-    memory_format = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
-    if cfg.model.compile:
+    if cfg.compile:
         net.compile()
     opt = build_optimizer("adam", net.parameters(), lr=1e-3, weight_decay=0.0, device=device)  # as fmnist's
     order = torch.randperm(len(labels), device=device)
-    n, eval_batch = cfg.optimisation.batch_size, cfg.evaluation.eval_batch_size
+    n, eval_batch = cfg.batch_size, cfg.eval_batch_size
 
     def step(i: int) -> None:
         idx = order[(i * n) % (len(order) - n) :][:n]
@@ -76,7 +76,7 @@ def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, hw: Hardware, device
             net(test_images[i : i + eval_batch].contiguous(memory_format=memory_format))
 
     with torch.inference_mode(), _autocast(device, hw.precision):
-        if cfg.model.compile:
+        if cfg.compile:
             evaluate()  # compiles every evaluation shape, untimed
         synchronize(device)
         t0 = time.perf_counter()
@@ -132,8 +132,8 @@ def bench_typical(cfg: BenchConfig, hw: Hardware, workdir: Path, root: Path) -> 
     train = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
     test = datasets.FashionMNIST(str(root), train=False, transform=transforms.ToTensor())
     L.seed_everything(cfg.seed, verbose=False)
-    model = TypicalModule(cfg.model.channels_last)
-    if cfg.model.compile:
+    model = TypicalModule(cfg.channels_last)
+    if cfg.compile:
         model.net.compile()
     timer = StepTimer(cfg)
     trainer = L.Trainer(
@@ -145,9 +145,9 @@ def bench_typical(cfg: BenchConfig, hw: Hardware, workdir: Path, root: Path) -> 
         default_root_dir=str(workdir / "typical"),
     )
     # The official 60k training file: one epoch holds more than 55k images' worth of full batches.
-    trainer.fit(model, DataLoader(train, batch_size=cfg.optimisation.batch_size, shuffle=True, drop_last=True))
-    test_loader = DataLoader(test, batch_size=cfg.evaluation.eval_batch_size)
-    if cfg.model.compile:
+    trainer.fit(model, DataLoader(train, batch_size=cfg.batch_size, shuffle=True, drop_last=True))
+    test_loader = DataLoader(test, batch_size=cfg.eval_batch_size)
+    if cfg.compile:
         trainer.test(model, test_loader, verbose=False)  # compiles the evaluation shapes, untimed
     trainer.test(model, test_loader, verbose=False)
-    return timer.result(cfg, cfg.evaluation.eval_batch_size, trainer.strategy.root_device)
+    return timer.result(cfg, cfg.eval_batch_size, trainer.strategy.root_device)

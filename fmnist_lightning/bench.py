@@ -25,7 +25,7 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,16 +36,10 @@ import torch
 from fmnist_lightning.baselines import bench_raw, bench_typical, torchvision_copy
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.evaluation import evaluation_engine
-from fmnist_lightning.hardware import (
-    Hardware,
-    cpu_name,
-    cpu_supports_bf16,
-    hardware_for,
-    resolve_hardware,
-)
+from fmnist_lightning.hardware import Hardware, cpu_name, cpu_supports_bf16, resolve_hardware
 from fmnist_lightning.inference import ONNX_ENGINE, missing_modules
 from fmnist_lightning.runs import provenance
-from fmnist_lightning.settings import BenchConfig, DataSettings, RunSettings, Settings
+from fmnist_lightning.settings import BenchConfig, DataSettings, HardwareSettings, Precision, Settings
 from fmnist_lightning.timing import PathResult, StepTimer, epochs_for
 from fmnist_lightning.trainers import known_warnings_hidden
 from fmnist_lightning.training import build_datamodule, build_model, build_trainer
@@ -70,10 +64,9 @@ def fast_settings(device: str) -> dict[str, Any]:
     return {"channels_last": True, "precision": "bf16-mixed", "eval_batch_size": 2000}
 
 
-def bench_hardware(cfg: BenchConfig, precision: str) -> Hardware:
-    """The hardware section resolved for one device in `precision`: every path runs in one process."""
-    h = cfg.hardware
-    return resolve_hardware(h.accelerator, devices="1", strategy="auto", precision=precision, gpus=h.gpus)
+def bench_hardware(cfg: BenchConfig, precision: Precision) -> Hardware:
+    """One device of `cfg.accelerator` in `precision`: every path runs in one process."""
+    return resolve_hardware(HardwareSettings(accelerator=cfg.accelerator, devices="1", precision=precision))
 
 
 @dataclass(frozen=True)
@@ -102,16 +95,28 @@ def entries(cfg: BenchConfig, hws: Mapping[str, Hardware]) -> list[Entry]:
 def bench_fmnist(
     cfg: BenchConfig, hw: Hardware, workdir: Path, overrides: dict[str, Any] | None = None, name: str = "fmnist"
 ) -> PathResult:
-    """The project's own path, built by the same functions `fmnist fit` and `fmnist test` use."""
+    """The project's own path, built by the same functions `fmnist fit` and `fmnist test` use: the
+    tutorial CNN without dropout, on the data already here."""
     batches, epochs = epochs_for(cfg)
-    s = Settings(
-        model=cfg.model,
-        optimisation=cfg.optimisation,
-        data=cfg.data,
-        evaluation=cfg.evaluation,
-        run=RunSettings(max_epochs=epochs, limit_train_batches=batches, seed=cfg.seed),
-    ).replace(**{"accelerator": hw.accelerator, "devices": "1", "precision": hw.precision, **(overrides or {})})
-    hw = hardware_for(s.hardware)  # again: the overrides may change the precision
+    s = Settings.model_validate(
+        {
+            "dropout": False,
+            "channels_last": cfg.channels_last,
+            "compile": cfg.compile,
+            "batch_size": cfg.batch_size,
+            "data_dir": cfg.data_dir,
+            "offline": True,
+            "eval_batch_size": cfg.eval_batch_size,
+            "max_epochs": epochs,
+            "limit_train_batches": batches,
+            "seed": cfg.seed,
+            "accelerator": hw.accelerator,
+            "devices": "1",
+            "precision": hw.precision,
+            **(overrides or {}),
+        }
+    )
+    hw = resolve_hardware(s.hardware)  # again: the overrides may change the precision
     L.seed_everything(cfg.seed, verbose=False)
     dm = build_datamodule(s)
     model = build_model(s, dm)
@@ -145,22 +150,97 @@ def round_order(paths: Sequence[T], round_index: int) -> list[T]:
     return [*paths[k:], *paths[:k]]
 
 
-def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None) -> dict[str, Any]:
+@dataclass
+class PathSummary(PathResult):
+    """One row over all rounds: the mean of every timing, the highest peak memory, and the standard
+    deviation of the two speeds."""
+
+    train_images_per_s_std: float = 0.0
+    eval_images_per_s_std: float = 0.0
+    rounds: int = 1
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A speed ratio (e.g. "fmnist/raw train"), taken within each round."""
+
+    name: str
+    per_round: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.per_round)
+
+    @property
+    def std(self) -> float:
+        return _std(self.per_round)
+
+    @property
+    def median(self) -> float:
+        """Robust to the rounds a neighbour on a shared machine slowed one path down."""
+        return statistics.median(self.per_round)
+
+
+@dataclass(frozen=True)
+class Machine:
+    platform: str
+    cpu: str
+    cpu_threads: int
+    cpu_bf16: bool  # native bf16 instructions
+    gpu: str | None = None  # the GPU the paths ran on
+
+    def to_json(self) -> dict[str, Any]:
+        """As the JSON files hold it: a CPU's has no gpu key."""
+        return {key: value for key, value in asdict(self).items() if value is not None}
+
+
+@dataclass
+class BenchResult:
+    """Everything one benchmark measured, with the machine and the versions."""
+
+    config: BenchConfig
+    device: str  # "cpu" or "cuda"
+    precisions: dict[str, str]  # what each asked-for precision ("auto" too) became here, and why
+    machine: Machine
+    versions: dict[str, str]
+    date: str
+    results: dict[str, PathSummary]  # by row: the path, or "path@precision" with several precisions
+    ratios: list[Ratio]
+    rounds: list[dict[str, PathResult]]  # each round's rows, in the order they ran
+
+    def to_json(self) -> dict[str, Any]:
+        """What `fmnist bench --json` writes (docs/bench/ holds examples; scripts/gpu_check.sh collects them)."""
+        return {
+            "config": self.config.flat(json=True),
+            "resolved": {"device": self.device, "precision": self.precisions},
+            "machine": self.machine.to_json(),
+            "versions": self.versions,
+            "date": self.date,
+            "results": {name: asdict(summary) for name, summary in self.results.items()},
+            "ratios": {r.name: r.mean for r in self.ratios},
+            "ratios_std": {r.name: r.std for r in self.ratios},
+            "ratios_median": {r.name: r.median for r in self.ratios},
+            "ratios_per_round": {r.name: r.per_round for r in self.ratios},
+            "rounds": [{"order": list(m), **{row: asdict(res) for row, res in m.items()}} for m in self.rounds],
+        }
+
+
+def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None) -> BenchResult:
     """Run the chosen paths, each in each precision, `cfg.repeats` times; return everything
-    measured, with versions and machine, as a dict: per-round results, means +- std per path, and
-    ratios within each round (between paths, and between precisions of a path)."""
+    measured, with versions and machine: per-round results, means +- std per path, and ratios
+    within each round (between paths, and between precisions of a path)."""
     hws: dict[str, Hardware] = {
         p: bench_hardware(cfg, p) for p in cfg.precision
     }  # UsageError: a GPU asked for, none visible
     rows = entries(cfg, hws)
     device = torch.device("cuda" if rows[0].hw.on_gpu else "cpu")
-    dm = FashionMNISTDataModule.from_settings(cfg.data, cfg.evaluation.eval_batch_size)
+    dm = FashionMNISTDataModule.from_settings(DataSettings(data_dir=cfg.data_dir, offline=True), cfg.eval_batch_size)
     dm.setup()
     rounds: list[dict[str, PathResult]] = []
     with tempfile.TemporaryDirectory(prefix="fmnist-bench-") as tmp:
         workdir = Path(tmp)
         copy = "typical" in cfg.paths
-        torchvision_root = torchvision_copy(cfg.data.data_dir, workdir / "torchvision") if copy else None
+        torchvision_root = torchvision_copy(cfg.data_dir, workdir / "torchvision") if copy else None
         for r in range(cfg.repeats):
             measured: dict[str, PathResult] = {}
             for row in round_order(rows, r):
@@ -175,25 +255,17 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
                 gc.collect()
             rounds.append(measured)
     per_round_ratios = [_ratios(m, cfg.precision) for m in rounds]
-    ratio_names = per_round_ratios[0].keys()
-    return {
-        "config": cfg.flat(json=True),
-        # What each asked-for precision ("auto" too) became here, and why.
-        "resolved": {
-            "device": device.type,
-            "precision": {p: hw.precision_described for p, hw in hws.items()},
-        },
-        "machine": _machine(device),
-        "versions": provenance(),
-        "date": time.strftime("%Y-%m-%d"),
-        "results": {row.name: _summary([m[row.name] for m in rounds]) for row in rows},
-        "ratios": {name: statistics.fmean(r[name] for r in per_round_ratios) for name in ratio_names},
-        "ratios_std": {name: _std([r[name] for r in per_round_ratios]) for name in ratio_names},
-        # Robust to the rounds a neighbour on a shared machine slowed one path down.
-        "ratios_median": {name: statistics.median(r[name] for r in per_round_ratios) for name in ratio_names},
-        "ratios_per_round": {name: [r[name] for r in per_round_ratios] for name in ratio_names},
-        "rounds": [{"order": list(m), **{path: asdict(res) for path, res in m.items()}} for m in rounds],
-    }
+    return BenchResult(
+        config=cfg,
+        device=device.type,
+        precisions={p: hw.precision_described for p, hw in hws.items()},
+        machine=machine(device),
+        versions=provenance(),
+        date=time.strftime("%Y-%m-%d"),
+        results={row.name: _summary([m[row.name] for m in rounds]) for row in rows},
+        ratios=[Ratio(name, [r[name] for r in per_round_ratios]) for name in per_round_ratios[0]],
+        rounds=rounds,
+    )
 
 
 def _bench_path(
@@ -219,19 +291,22 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def _summary(runs: list[PathResult]) -> dict[str, Any]:
+def _summary(runs: list[PathResult]) -> PathSummary:
     """One path over all rounds: the mean of every timing, the highest peak memory, and the
     standard deviation of the two speeds."""
-    summary = asdict(runs[0])
-    for key in ("train_images_per_s", "warmup_s", "epoch_s", "eval_images_per_s", "eval_setup_s"):
-        summary[key] = statistics.fmean(getattr(r, key) for r in runs)
-    summary["peak_rss_mb"] = max(r.peak_rss_mb for r in runs)
     cuda = [r.cuda_max_allocated_mb for r in runs if r.cuda_max_allocated_mb is not None]
-    summary["cuda_max_allocated_mb"] = max(cuda) if cuda else None
-    summary["train_images_per_s_std"] = _std([r.train_images_per_s for r in runs])
-    summary["eval_images_per_s_std"] = _std([r.eval_images_per_s for r in runs])
-    summary["rounds"] = len(runs)
-    return summary
+    means = ("train_images_per_s", "warmup_s", "epoch_s", "eval_images_per_s", "eval_setup_s")
+    return PathSummary(
+        **{
+            **asdict(runs[0]),
+            **{key: statistics.fmean(getattr(r, key) for r in runs) for key in means},
+            "peak_rss_mb": max(r.peak_rss_mb for r in runs),
+            "cuda_max_allocated_mb": max(cuda) if cuda else None,
+        },
+        train_images_per_s_std=_std([r.train_images_per_s for r in runs]),
+        eval_images_per_s_std=_std([r.eval_images_per_s for r in runs]),
+        rounds=len(runs),
+    )
 
 
 def _ratios(results: dict[str, PathResult], precisions: Sequence[str]) -> dict[str, float]:
@@ -257,44 +332,12 @@ def _ratios(results: dict[str, PathResult], precisions: Sequence[str]) -> dict[s
     return ratios
 
 
-def _machine(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "cpu": cpu_name(),
-        "cpu_threads": torch.get_num_threads(),
-        "cpu_bf16": cpu_supports_bf16(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def bench_data(data_dir: str = "data", batch_size: int = 128) -> dict[str, Any]:
-    """Batches per second over one 55k training epoch: our tensor batcher vs torchvision's
-    FashionMNIST + ToTensor + DataLoader (shuffle, 0 workers), measured one after the other."""
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
-    dm = FashionMNISTDataModule.from_settings(DataSettings(data_dir=data_dir, offline=True), batch_size, batch_size)
-    dm.setup()
-    rates = {}
-    with tempfile.TemporaryDirectory(prefix="fmnist-bench-data-") as tmp:
-        root = torchvision_copy(data_dir, Path(tmp))
-        tv = datasets.FashionMNIST(str(root), train=True, transform=transforms.ToTensor())
-        tv_train = torch.utils.data.Subset(tv, range(dm.val_size, len(tv)))  # the same 55k images
-        loaders: dict[str, Iterable[Any]] = {
-            "fmnist": dm.train_dataloader(),
-            "torchvision": DataLoader(tv_train, batch_size=batch_size, shuffle=True),
-        }
-        for name, loader in loaders.items():
-            start = time.perf_counter()
-            batches = len([None for _ in loader])
-            rates[name] = batches / (time.perf_counter() - start)
-    return {
-        "batches_per_s": rates,
-        "ratio": rates["fmnist"] / rates["torchvision"],
-        "batch_size": batch_size,
-        "machine": _machine(torch.device("cpu")),
-        "versions": provenance(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
+def machine(device: torch.device) -> Machine:
+    """The machine a measurement ran on: its CPU, threads and native bf16, and the GPU of `device`."""
+    return Machine(
+        platform=platform.platform(),
+        cpu=cpu_name(),
+        cpu_threads=torch.get_num_threads(),
+        cpu_bf16=cpu_supports_bf16(),
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    )

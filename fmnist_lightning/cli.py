@@ -30,7 +30,6 @@ from fmnist_lightning.hardware import close_process_group, is_global_zero
 from fmnist_lightning.options import WholeSummariesGroup, with_options
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
 from fmnist_lightning.settings import (
-    BENCH_OPTIONS,
     BenchConfig,
     DataSettings,
     EvaluationRun,
@@ -344,7 +343,7 @@ def tune(
 
 
 @app.command()
-@with_options(BenchConfig, BENCH_OPTIONS)
+@with_options(BenchConfig)
 def bench(
     given: dict[str, Any],
     json_path: Annotated[
@@ -364,7 +363,7 @@ def bench(
         render.bench(result)
         if json_path:
             json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps(result, indent=2) + "\n")
+            json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
             render.wrote(json_path)
 
 

@@ -265,7 +265,10 @@ def first_of_each_class(labels: torch.Tensor) -> list[int]:
 
 
 class FashionMNISTDataModule(L.LightningDataModule):
-    """The tutorial's splits: val = first `val_size` training images, train = the rest, test = official 10k."""
+    """The tutorial's splits: val = first `val_size` training images, train = the rest, test = official 10k.
+
+    Its parameters are the data and augmentation settings by name, with what training adds (the
+    batch sizes and the seed): `from_settings` passes those sections whole."""
 
     def __init__(
         self,
@@ -275,15 +278,16 @@ class FashionMNISTDataModule(L.LightningDataModule):
         val_size: int,
         batch_size: int,
         eval_batch_size: int,
-        label_smoothing: float,
         seed: int,
-        augment: Augment | None = None,
+        augment: bool,
+        random_erasing: float,
+        label_smoothing: float,
     ) -> None:
         super().__init__()
         self.data_dir, self.offline, self.val_size = Path(data_dir), offline, val_size
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.augment = Augment(translate=2 if augment else 0, hflip=augment, erase_p=random_erasing)
         self.label_smoothing = label_smoothing
-        self.augment, self.seed = augment or Augment(), seed
         self.data: FashionMNIST | None = None
         self._train: TensorBatches | None = None
         self._resume_position: dict[str, int] | None = None
@@ -301,14 +305,7 @@ class FashionMNISTDataModule(L.LightningDataModule):
         defaults suit evaluation, which draws no training batches)."""
         aug = augmentation or AugmentationSettings()
         return cls(
-            data_dir=data.data_dir,
-            offline=data.offline,
-            val_size=data.val_size,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            label_smoothing=aug.label_smoothing,
-            seed=seed,
-            augment=Augment(translate=2 if aug.augment else 0, hflip=aug.augment, erase_p=aug.random_erasing),
+            **data.model_dump(), **aug.model_dump(), batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed
         )
 
     def prepare_data(self) -> None:

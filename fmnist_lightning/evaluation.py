@@ -16,7 +16,7 @@ import torch
 from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, SplitSummary, first_of_each_class, summarize
 from fmnist_lightning.errors import UsageError
-from fmnist_lightning.hardware import Hardware, hardware_for
+from fmnist_lightning.hardware import Hardware, resolve_hardware
 from fmnist_lightning.html_report import stale_outputs, write_report
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import (
@@ -90,7 +90,7 @@ def evaluate(ckpt: Path, s: EvaluationRun) -> TestResults:
     hardware = s.hardware
     if s.evaluation.eval_engine == "onnxruntime" and hardware.precision == "auto":
         hardware = hardware.model_copy(update={"precision": "32-true"})  # what that engine runs: auto picks it
-    hw = hardware_for(hardware)
+    hw = resolve_hardware(hardware)
     model = load_classifier(ckpt).to_channels_last()
     model.flip_tta = s.evaluation.tta
     datamodule = FashionMNISTDataModule.from_settings(s.data, s.evaluation.eval_batch_size)

@@ -1,4 +1,4 @@
-"""Hardware: turning the user's accelerator/devices/precision options into Trainer arguments, and
+"""Hardware: turning the hardware section (accelerator, devices, precision, ...) into Trainer arguments, and
 knowing whether this process is global rank 0.
 
 torch is imported inside the functions that need it, so the run-folder code (and `fmnist --help`)
@@ -194,23 +194,16 @@ def gpu_supports_bf16() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
-def resolve_hardware(
-    accelerator: str,
-    devices: str,
-    strategy: str,
-    precision: str,
-    num_nodes: int = 1,
-    gpus: int | None = None,
-) -> Hardware:
-    """Turn the user's hardware options into concrete Trainer arguments, or raise UsageError."""
+def resolve_hardware(h: HardwareSettings) -> Hardware:
+    """Turn the hardware section into concrete Trainer arguments, or raise UsageError."""
     import torch
 
-    wanted = _parse_devices(devices)
-    if gpus is not None:
-        accelerator = "gpu" if gpus > 0 else "cpu"
-        wanted = gpus if gpus > 0 else wanted
-    if wanted == 0:
-        raise UsageError("--devices must be at least 1")
+    accelerator, strategy = h.accelerator, h.strategy
+    precision: str = h.precision
+    wanted = _parse_devices(h.devices)
+    if h.gpus is not None:
+        accelerator = "gpu" if h.gpus > 0 else "cpu"
+        wanted = h.gpus if h.gpus > 0 else wanted
     visible = torch.cuda.device_count()
     if accelerator == "auto":
         accelerator = "gpu" if visible else "cpu"
@@ -226,7 +219,7 @@ def resolve_hardware(
     elif isinstance(count, list):
         raise UsageError("a list of device ids only makes sense for GPUs; give --devices N for CPU processes")
     if strategy == "auto":
-        strategy = "ddp" if n * num_nodes > 1 else "auto"
+        strategy = "ddp" if n * h.num_nodes > 1 else "auto"
     on_gpu = accelerator == "gpu"
     why = "asked for"
     if precision == "auto":
@@ -235,11 +228,7 @@ def resolve_hardware(
         raise UsageError("precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
     if precision == "bf16-mixed" and on_gpu and not gpu_supports_bf16():
         raise UsageError("this GPU cannot do bf16-mixed natively; use --precision 16-mixed or 32-true")
-    return Hardware(accelerator, count, strategy, precision, num_nodes, why)
-
-
-def hardware_for(h: HardwareSettings) -> Hardware:
-    return resolve_hardware(h.accelerator, h.devices, h.strategy, h.precision, h.num_nodes, h.gpus)
+    return Hardware(accelerator, count, strategy, precision, h.num_nodes, why)
 
 
 def synchronize(device: torch.device) -> None:

@@ -25,7 +25,7 @@ from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE, to_float_images
 from fmnist_lightning.errors import FmnistError, UsageError
 from fmnist_lightning.extras import extra_hint, missing_modules, require_extra
-from fmnist_lightning.hardware import hardware_for
+from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import default_out_for
 from fmnist_lightning.settings import DataSettings, HardwareSettings
@@ -204,7 +204,7 @@ def classify(
     """What `fmnist predict` does: the class probabilities of every readable image (files, and
     the images directly inside folders), and one problem per input that could not be read; in
     batches of `batch_size`, on the first GPU when `hardware` resolves to one."""
-    device = torch.device("cuda" if hardware_for(hardware).on_gpu else "cpu")
+    device = torch.device("cuda" if resolve_hardware(hardware).on_gpu else "cpu")
     model = load_classifier(ckpt)
     paths, problems = image_paths(inputs)
     predictions: list[Prediction] = []

@@ -18,7 +18,7 @@ from lightning.pytorch.tuner import Tuner, lr_finder
 
 from fmnist_lightning.callbacks import SeedRanks
 from fmnist_lightning.errors import FmnistError, UsageError
-from fmnist_lightning.hardware import hardware_for
+from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.runs import check_output_dir
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.settings_io import option_name
@@ -44,7 +44,7 @@ def run_lr_find(s: Settings, out: Path, steps: int = 100, min_lr: float = 1e-8, 
     if not 0 < min_lr < max_lr:
         raise UsageError(f"--min-lr {min_lr:g} must be positive and below --max-lr {max_lr:g}")
     check_output_dir(out)
-    hw = hardware_for(s.hardware)
+    hw = resolve_hardware(s.hardware)
     L.seed_everything(s.run.seed, workers=False, verbose=False)
     datamodule = build_datamodule(s)
     model = build_model(s, datamodule)

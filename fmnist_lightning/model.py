@@ -26,6 +26,7 @@ from torchmetrics.classification import (
 from fmnist_lightning.data import NUM_CLASSES, Batch
 from fmnist_lightning.hardware import gather_objects
 from fmnist_lightning.networks import build_network
+from fmnist_lightning.sections import arguments_for
 from fmnist_lightning.settings import ModelSettings, OptimisationSettings
 
 CHECKPOINT_FORMAT = 2  # bumped when a checkpoint written by this package changes incompatibly
@@ -165,22 +166,11 @@ class FashionClassifier(L.LightningModule):
     def from_settings(
         cls, model: ModelSettings, optimisation: OptimisationSettings, input_mean: float = 0.0, input_std: float = 1.0
     ) -> FashionClassifier:
-        """The model the model and optimisation sections describe; `input_mean`/`input_std`
-        standardise its input (the train split's statistics with `standardize`). `compile` is
-        applied by the builder, `batch_size` by the data module."""
-        return cls(
-            network=model.network,
-            dropout=model.dropout,
-            dropout_conv=model.dropout_conv,
-            dropout_dense=model.dropout_dense,
-            channels_last=model.channels_last,
-            lr=optimisation.lr,
-            optimizer=optimisation.optimizer,
-            weight_decay=optimisation.weight_decay,
-            lr_schedule=optimisation.lr_schedule,
-            input_mean=input_mean,
-            input_std=input_std,
-        )
+        """The model the model and optimisation sections describe: each of their settings that names
+        a parameter here (a hyperparameter in the checkpoint); `input_mean`/`input_std` standardise its
+        input (the train split's statistics with `standardize`). `compile` is applied by the builder,
+        `batch_size` by the data module."""
+        return cls(**arguments_for(cls, model, optimisation), input_mean=input_mean, input_std=input_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for images in [0, 1] shaped (B, 1, 28, 28)."""

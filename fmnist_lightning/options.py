@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 from typer.core import TyperGroup
 
-from fmnist_lightning.sections import FlatField, Sectioned
+from fmnist_lightning.sections import FlatField, FlatModel
 from fmnist_lightning.settings_io import option_name
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _from_command_line(ctx: typer.Context, name: str) -> bool:
 
 
 def with_options(
-    model: type[Sectioned], names: Iterable[str] | None = None, exclude: Iterable[str] = ()
+    model: type[FlatModel], names: Iterable[str] | None = None, exclude: Iterable[str] = ()
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Add the settings of `model` (all, or the named ones, less `exclude`) as options. The command
     receives the ones given on the command line as a dict, `given`; its own parameters are left

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from fmnist_lightning.bench import BenchResult
 
 console = Console()
 err_console = Console(stderr=True)
@@ -127,15 +130,14 @@ def compare(rows: Sequence[Mapping[str, Any]]) -> None:
     console.print(table)
 
 
-def bench(result: Mapping[str, Any]) -> None:
-    cfg, machine, resolved = result["config"], result["machine"], result["resolved"]
-    rounds = cfg["repeats"]
+def bench(result: BenchResult) -> None:
+    cfg, machine, rounds = result.config, result.machine, result.config.repeats
     title = (
-        f"{resolved['device']} ({machine.get('gpu') or machine['cpu']}, {machine['cpu_threads']} threads), "
-        f"{', '.join(resolved['precision'].values())}, batch {cfg['batch_size']}, "
-        f"{cfg['steps']} steps after {cfg['warmup_steps']} warm-up"
+        f"{result.device} ({machine.gpu or machine.cpu}, {machine.cpu_threads} threads), "
+        f"{', '.join(result.precisions.values())}, batch {cfg.batch_size}, "
+        f"{cfg.steps} steps after {cfg.warmup_steps} warm-up"
         f"{f', mean +- std of {rounds} rounds' if rounds > 1 else ''}; "
-        f"torch {result['versions']['torch']}, lightning {result['versions']['lightning']}"
+        f"torch {result.versions['torch']}, lightning {result.versions['lightning']}"
     )
     table = Table(title=title)
     columns = (
@@ -155,29 +157,28 @@ def bench(result: Mapping[str, Any]) -> None:
     def spread(mean: float, std: float) -> str:
         return f"{mean:,.0f}" + (f" +- {std:,.0f}" if rounds > 1 else "")
 
-    for name, r in result["results"].items():
-        cuda = r["cuda_max_allocated_mb"]
+    for name, r in result.results.items():
+        cuda = r.cuda_max_allocated_mb
         table.add_row(
             name,
-            spread(r["train_images_per_s"], r["train_images_per_s_std"]),
-            f"{r['warmup_s']:.1f}",
-            f"{r['epoch_s']:.1f}",
-            spread(r["eval_images_per_s"], r["eval_images_per_s_std"]),
-            str(r["eval_batch_size"]),
-            r["settings"].get("eval_engine", "torch"),
-            f"{r['peak_rss_mb']:,.0f}",
+            spread(r.train_images_per_s, r.train_images_per_s_std),
+            f"{r.warmup_s:.1f}",
+            f"{r.epoch_s:.1f}",
+            spread(r.eval_images_per_s, r.eval_images_per_s_std),
+            str(r.eval_batch_size),
+            r.settings.get("eval_engine", "torch"),
+            f"{r.peak_rss_mb:,.0f}",
             "-" if cuda is None else f"{cuda:,.0f}",
         )
     console.print(table)
-    for name, ratio in result["ratios"].items():
+    for ratio in result.ratios:
         if rounds > 1:
-            per_round = ", ".join(f"{x:.2f}" for x in result["ratios_per_round"][name])
+            per_round = ", ".join(f"{x:.2f}" for x in ratio.per_round)
             console.print(
-                f"{name}: {ratio:.2f}x +- {result['ratios_std'][name]:.2f}, median "
-                f"{result['ratios_median'][name]:.2f}x (rounds: {per_round})"
+                f"{ratio.name}: {ratio.mean:.2f}x +- {ratio.std:.2f}, median {ratio.median:.2f}x (rounds: {per_round})"
             )
         else:
-            console.print(f"{name}: {ratio:.2f}x")
+            console.print(f"{ratio.name}: {ratio.mean:.2f}x")
 
 
 def predictions(rows: Sequence[tuple[str, list[tuple[str, float]]]]) -> None:

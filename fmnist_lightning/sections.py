@@ -1,18 +1,22 @@
-"""Settings models made of sections, with flat names: the machinery behind `settings.py`.
+"""Settings models with flat names: the machinery behind `settings.py`.
 
-A `Sectioned` model is composed of `Section`s (small strict pydantic models). It is built from one
-flat mapping of setting names (a YAML file, the command-line options given, a run's config.yaml),
-sorts each name into its section, and dumps itself back to the flat mapping: the sections structure
-the code, while users, YAML files and the CLI see flat names (`lr`, `--lr`). `flat_fields` lists
-every setting with its declaring model and default, for the CLI's options and the error messages.
+A `FlatModel`'s field names are the names users see: YAML keys and `--options`. A `Sectioned` model
+is composed of `Section`s (small strict pydantic models) instead: it is built from one flat mapping
+of setting names (a YAML file, the command-line options given, a run's config.yaml), sorts each
+name into its section, and dumps itself back to the flat mapping: the sections structure the code,
+while users, YAML files and the CLI see flat names (`lr`, `--lr`). `flat_fields` lists every
+setting with its section and field, for the CLI's options and the error messages. `arguments_for`
+hands a section's settings to a constructor by their names.
 
 This module imports neither torch nor lightning.
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, model_validator
 from pydantic.fields import FieldInfo
@@ -52,49 +56,79 @@ class Section(StrictModel):
     """One group of settings. Its field names are the flat YAML keys and option names."""
 
 
+def arguments_for(target: Callable[..., Any], *sections: Section) -> dict[str, Any]:
+    """The fields of `sections` that name a parameter of `target`, as its keyword arguments: a
+    setting reaches a constructor by its name alone, with no list of fields to keep in step."""
+    parameters = set(inspect.signature(target).parameters)
+    return {name: value for section in sections for name, value in section.model_dump(include=parameters).items()}
+
+
 @dataclass(frozen=True)
 class FlatField:
-    """One setting as the CLI and YAML see it: its name, the model that declares it, its default."""
+    """One setting as the CLI and YAML see it: its name, the section that declares it, its field."""
 
     name: str
-    section: str | None  # None: a field of the composed model itself
+    section: str | None  # None: a plain field of a flat model
     info: FieldInfo
-    default: Any
+
+    @property
+    def default(self) -> Any:
+        return self.info.default
 
 
-class Sectioned(StrictModel):
+class FlatModel(StrictModel):
+    """Settings whose field names are the names users see (YAML keys, `--options`): what
+    `options.py` makes options of and `settings_io.py` validates. Its fields are plain (`BenchConfig`);
+    `Sectioned` groups them in sections."""
+
+    @classmethod
+    def sections(cls) -> dict[str, type[Section]]:
+        return {}
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, FlatField]:
+        """Every setting by its flat name, in declaration order."""
+        return {name: FlatField(name, None, info) for name, info in cls.model_fields.items()}
+
+    def flat(self, json: bool = False) -> dict[str, Any]:
+        """All settings as one flat mapping (as YAML and config.yaml hold them)."""
+        return self.model_dump(mode="json" if json else "python")
+
+    def replace(self, **changes: Any) -> Self:
+        """A validated copy with these flat settings changed."""
+        return self.model_validate({**self.flat(), **changes})
+
+
+def _is_section(annotation: Any) -> TypeGuard[type[Section]]:
+    return isinstance(annotation, type) and issubclass(annotation, Section)
+
+
+class Sectioned(FlatModel):
     """Settings composed of sections, built from and dumped to one flat mapping of setting names.
 
     `Settings(lr=0.01)`, `Settings.model_validate({"lr": 0.01, "seed": 1})` and a nested
     `{"optimisation": {"lr": 0.01}}` all work; `flat()` gives the flat mapping back (config.yaml).
-    A section's default may differ from its class's own defaults (`BenchConfig` benchmarks
-    PyTorch's plain layout by default): `flat_fields` reports the composed model's defaults.
+    Every field is a section, and a setting's name must belong to one section only.
     """
 
     @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        plain = [name for name, info in cls.model_fields.items() if not _is_section(info.annotation)]
+        if plain:
+            raise TypeError(f"{cls.__name__}: {', '.join(plain)} must be sections (a plain field: use FlatModel)")
+
+    @classmethod
     def sections(cls) -> dict[str, type[Section]]:
-        return {
-            name: info.annotation
-            for name, info in cls.model_fields.items()
-            if isinstance(info.annotation, type) and issubclass(info.annotation, Section)
-        }
+        return {name: info.annotation for name, info in cls.model_fields.items() if _is_section(info.annotation)}
 
     @classmethod
     def flat_fields(cls) -> dict[str, FlatField]:
-        """Every setting by its flat name, in declaration order. A field of the composed model
-        itself shadows a section's field of the same name (`BenchConfig.precision`, a list)."""
-        own = {name: info for name, info in cls.model_fields.items() if name not in cls.sections()}
-        fields: dict[str, FlatField] = {}
-        for name, info in cls.model_fields.items():
-            section = cls.sections().get(name)
-            if section is None:
-                fields[name] = FlatField(name, None, info, info.default)
-                continue
-            defaults = info.get_default(call_default_factory=True)
-            for key, sub in section.model_fields.items():
-                if key not in own:
-                    fields[key] = FlatField(key, name, sub, getattr(defaults, key))
-        return fields
+        return {
+            key: FlatField(key, name, info)
+            for name, section in cls.sections().items()
+            for key, info in section.model_fields.items()
+        }
 
     @model_validator(mode="before")
     @classmethod
@@ -103,8 +137,7 @@ class Sectioned(StrictModel):
         the top, where `extra="forbid"` reports them by name."""
         if not isinstance(data, dict):
             return data
-        data = cls._prepare(data)
-        owners = {name: f.section for name, f in cls.flat_fields().items() if f.section is not None}
+        owners = {name: f.section for name, f in cls.flat_fields().items()}
         nested: dict[str, Any] = {}
         given: dict[str, dict[str, Any]] = {}
         for key, value in data.items():
@@ -120,19 +153,8 @@ class Sectioned(StrictModel):
             nested[section] = {**base, **values}
         return nested
 
-    @classmethod
-    def _prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
-        """A hook: the flat values before they are sorted into sections."""
-        return data
-
     def flat(self, json: bool = False) -> dict[str, Any]:
-        """All settings as one flat mapping (as YAML and config.yaml hold them)."""
-        dump = self.model_dump(mode="json" if json else "python")
         flat: dict[str, Any] = {}
-        for name, value in dump.items():
-            flat.update(value if name in self.sections() else {name: value})
+        for section in self.model_dump(mode="json" if json else "python").values():
+            flat.update(section)
         return flat
-
-    def replace(self, **changes: Any) -> Self:
-        """A validated copy with these flat settings changed."""
-        return self.model_validate({**self.flat(), **changes})

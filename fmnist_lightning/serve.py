@@ -30,11 +30,11 @@ def serve_options(ckpt: Path, settings: ServeRun) -> ServeOptions:
     if serving.engine == "onnxruntime":
         require_extra("export", ONNX_ENGINE, "--engine onnxruntime")
     from fmnist_lightning.checkpoints import read_checkpoint
-    from fmnist_lightning.hardware import hardware_for
+    from fmnist_lightning.hardware import resolve_hardware
     from fmnist_lightning.serve_app import ServeOptions
 
     read_checkpoint(ckpt)
-    on_gpu = hardware_for(settings.hardware).on_gpu and serving.engine == "torch"
+    on_gpu = resolve_hardware(settings.hardware).on_gpu and serving.engine == "torch"
     return ServeOptions(
         **{**dict(serving), "api_key": serving.api_key or os.environ.get(API_KEY_ENV) or None},
         ckpt=ckpt,

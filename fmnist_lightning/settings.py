@@ -7,10 +7,13 @@ is validated in one place. Defaults live here only: the library classes take the
 given. `settings_io.py` layers the defaults, a YAML file and the options given, and words the errors.
 
 The fields are grouped in sections (`ModelSettings`, `OptimisationSettings`, `DataSettings`, ...),
-and each consumer takes only the sections it reads: the data module the data section, the
-LightningModule the model and optimisation sections, `hardware_for` the hardware section. The
-sections are a code structure only: YAML keys, options and `config.yaml` stay flat (`lr: 0.001`,
-`--lr`), because `Sectioned` (sections.py) builds itself from, and dumps itself to, one flat mapping.
+and each consumer takes only the sections it reads: the data module the data and augmentation
+sections, the LightningModule the model and optimisation sections, `resolve_hardware` the hardware
+section. A consumer takes a section's fields by their names (`sections.arguments_for`, or the whole
+section as keyword arguments), never from a list of them written again; `tests/test_settings_reach.py`
+checks that every field reaches a consumer. The sections are a code structure only: YAML keys,
+options and `config.yaml` stay flat (`lr: 0.001`, `--lr`), because `Sectioned` (sections.py) builds
+itself from, and dumps itself to, one flat mapping. `BenchConfig` is flat: the benchmark's own few settings.
 
 Validation is strict (a YAML `max_epochs: "5"` or `dropout: 1` is refused, not guessed at), with
 one exception: numbers written as text, because YAML 1.1 reads `1e-3` (no dot) as a string and the
@@ -25,10 +28,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from fmnist_lightning.sections import Number, Section, Sectioned, comma_list, number_from_text
+from fmnist_lightning.sections import FlatModel, Number, Section, Sectioned, comma_list, number_from_text
 
 MAX_SEED = 2**32 - 1
 
@@ -40,6 +43,7 @@ BatchLimit = Annotated[int | float, Number]
 
 Logger = Literal["csv", "tensorboard", "mlflow"]
 Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed"]
+Accelerator = Literal["auto", "cpu", "gpu", "cuda"]
 
 
 class ModelSettings(Section):
@@ -101,7 +105,7 @@ class HardwareSettings(Section):
     """Which devices, how many processes, and the numeric precision."""
 
     gpus: int | None = Field(None, ge=0, description="Shortcut: 0 = CPU, N = N GPUs (N > 1 uses DDP).")
-    accelerator: Literal["auto", "cpu", "gpu", "cuda"] = Field("auto", description="Lightning accelerator.")
+    accelerator: Accelerator = Field("auto", description="Lightning accelerator.")
     devices: Annotated[str, BeforeValidator(lambda v: str(v) if type(v) is int else v)] = Field(
         "auto", description="Devices per node: a count, 'auto', or a list like '0,1'."
     )
@@ -329,19 +333,22 @@ BenchPath = Literal["raw", "fmnist", "typical", "fmnist-fast"]
 TRAIN_IMAGES = 55000  # the training split: what one epoch of `bench --epochs` means
 
 
-class BenchConfig(Sectioned):
-    """What `fmnist bench` measures: the same network and batch size along several paths.
+class BenchConfig(FlatModel):
+    """What `fmnist bench` measures: the same network (the tutorial CNN without dropout) and batch
+    size along several paths, in one process on one device, from the data already on this machine.
 
-    It embeds the sections a training run has, with two defaults of its own: PyTorch's plain
-    memory layout (the baseline every path shares; `--channels-last` measures the layout `fit`
-    uses) and evaluation batches of 1000. The network is the tutorial CNN without dropout.
+    Its few settings are its own: a path runs in PyTorch's plain memory layout by default (the
+    baseline every path shares; `--channels-last` measures the layout `fit` uses), every path starts
+    from seed 0, and `precision` is a list (each path in each). `bench.py` builds the training run's
+    settings of the `fmnist` paths from them.
     """
 
-    hardware: HardwareSettings = HardwareSettings()  # its precision: each of `precision` in turn
-    model: ModelSettings = ModelSettings(dropout=False, channels_last=False)
-    optimisation: OptimisationSettings = OptimisationSettings()
-    data: DataSettings = DataSettings(offline=True)
-    evaluation: EvaluationSettings = EvaluationSettings(eval_batch_size=1000)
+    accelerator: Accelerator = Field("auto", description="Lightning accelerator (one device).")
+    channels_last: bool = Field(False, description="channels_last memory layout in every path (`fit`'s default).")
+    compile: bool = Field(False, description="Compile the network with torch.compile (compilation is untimed).")
+    batch_size: int = Field(128, gt=0, description="Images per training step.")
+    eval_batch_size: int = Field(1000, gt=0, description="Images per evaluation batch.")
+    data_dir: str = Field("data", description="Folder with the Fashion-MNIST IDX files (never downloaded here).")
     quick: bool = Field(False, description="Default to 40 measured steps after 5: well under 3 minutes.")
     steps: int = Field(400, gt=0, description="Measured training steps per path (40 with --quick).")
     warmup_steps: int = Field(20, ge=0, description="Steps timed apart first (5 with --quick).")
@@ -365,32 +372,21 @@ class BenchConfig(Sectioned):
         "32-true, bf16-mixed, 16-mixed (GPU). With two, each path's speed ratio between them (median of the rounds).",
     )
 
+    @model_validator(mode="before")
     @classmethod
-    def _prepare(cls, data: dict[str, Any]) -> dict[str, Any]:
+    def _steps(cls, data: Any) -> Any:
         """--quick changes the step defaults; --epochs sets the steps (numbers only: the type
         checks that follow judge the rest)."""
+        if not isinstance(data, dict):
+            return data
         data = dict(data)
         if data.get("quick") is True:
             data.setdefault("steps", 40)
             data.setdefault("warmup_steps", 5)
-        defaults = cls.flat_fields()
         epochs = number_from_text(data.get("epochs", 0))
-        batch = data.get("batch_size", defaults["batch_size"].default)
-        warmup = data.get("warmup_steps", defaults["warmup_steps"].default)
+        batch = data.get("batch_size", cls.model_fields["batch_size"].default)
+        warmup = data.get("warmup_steps", cls.model_fields["warmup_steps"].default)
         numbers = all(type(v) in (int, float) for v in (epochs, batch, warmup))
         if numbers and epochs > 0 and batch > 0:
             data["steps"] = max(1, round(epochs * TRAIN_IMAGES / batch) - warmup)
         return data
-
-
-# The options of `fmnist bench`: what it takes of the sections it embeds (the rest, a second process
-# or another network, is not what it measures), and its own fields (`precision` among them: a list).
-BENCH_OPTIONS = (
-    "accelerator",
-    "channels_last",
-    "compile",
-    "batch_size",
-    "eval_batch_size",
-    "data_dir",
-    *(name for name, field in BenchConfig.flat_fields().items() if field.section is None),
-)

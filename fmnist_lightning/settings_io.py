@@ -16,11 +16,11 @@ from pydantic import ValidationError
 
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.runs import CONFIG
-from fmnist_lightning.sections import Sectioned
+from fmnist_lightning.sections import FlatModel
 from fmnist_lightning.settings import Settings
 
 PROVENANCE_KEY = "provenance"  # versions, git commit and resolved hardware, in each run's config.yaml
-Model = TypeVar("Model", bound=Sectioned)
+Model = TypeVar("Model", bound=FlatModel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,7 +34,7 @@ def _item_choices(annotation: Any) -> tuple[str, ...]:
     return ()
 
 
-def _flat_name(model: type[Sectioned], loc: tuple[Any, ...]) -> tuple[str, int]:
+def _flat_name(model: type[FlatModel], loc: tuple[Any, ...]) -> tuple[str, int]:
     """The flat name an error's location points at, and how many parts of the location that takes:
     a section's field is reported by its own name, ("optimisation", "lr") -> "lr"."""
     if len(loc) > 1 and loc[0] in model.sections():
@@ -42,7 +42,7 @@ def _flat_name(model: type[Sectioned], loc: tuple[Any, ...]) -> tuple[str, int]:
     return (str(loc[0]), 1) if loc else ("settings", 0)
 
 
-def describe_error(model: type[Sectioned], errors: list[Any]) -> tuple[str, str]:
+def describe_error(model: type[FlatModel], errors: list[Any]) -> tuple[str, str]:
     """The first of pydantic's errors as (the flat name, the sentence a user reads): the name,
     the rule in pydantic's own words (`error["msg"]`; validators word theirs alike), so every
     constraint, including ones added later, is described by what it checks, and the value it checked."""
@@ -143,7 +143,7 @@ def fit_settings(config: Path | None, overrides: Mapping[str, Any], out: Path | 
     return resolve_settings(config, overrides)
 
 
-def save_yaml(settings: Sectioned, path: Path, provenance: Mapping[str, Any] | None = None) -> None:
+def save_yaml(settings: FlatModel, path: Path, provenance: Mapping[str, Any] | None = None) -> None:
     """Write the resolved settings, flat (and where they ran: versions, git commit, hardware) as YAML."""
     import yaml
 

@@ -69,7 +69,7 @@ class StepTimer(Callback):
     def result(self, cfg: BenchConfig, eval_batch_size: int, device: torch.device) -> PathResult:
         if self.steps != self.total:  # not an assert: `python -O` would drop it, and report a wrong speed
             raise RuntimeError(f"the step timer counted {self.steps} training steps, not {self.total}")
-        speed = cfg.steps * cfg.optimisation.batch_size / (self.end - self.warm_end)
+        speed = cfg.steps * cfg.batch_size / (self.end - self.warm_end)
         return measured_result(
             speed, self.warm_end - self.start, 10000 / (self.test_end - self.test_start), eval_batch_size, device
         )
@@ -99,5 +99,5 @@ def epochs_for(cfg: BenchConfig) -> tuple[int, int]:
     """(full batches per epoch, epochs that hold the warm-up and measured steps). Only full
     batches are trained: a partial last batch is a new shape, which `--compile` would recompile
     for inside the timed window."""
-    batches = TRAIN_IMAGES // cfg.optimisation.batch_size
+    batches = TRAIN_IMAGES // cfg.batch_size
     return batches, -(-total_steps(cfg) // batches)

@@ -7,7 +7,7 @@ What every Trainer here shares, and why:
 - `AtomicCheckpointIO`: a checkpoint file is either whole or absent, never half-written;
 - no model summary, no sanity validation (fit validates at its first epoch end anyway), no logger
   and no progress bar unless asked for.
-`loop_options` maps the run and toolkit sections onto the Trainer's loop arguments, one to one.
+`loop_options` passes the run and toolkit settings named like a Trainer argument on to the Trainer.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import lightning as L
 
 from fmnist_lightning.checkpoints import AtomicCheckpointIO
 from fmnist_lightning.hardware import Hardware
+from fmnist_lightning.sections import arguments_for
 from fmnist_lightning.settings import RunSettings, ToolkitSettings
 
 # Lightning warnings that do not apply to how this package uses it (regular expressions):
@@ -63,17 +64,9 @@ def make_trainer(hw: Hardware, *, progress: bool = False, **options: Any) -> L.T
 
 
 def loop_options(run: RunSettings, toolkit: ToolkitSettings) -> dict[str, Any]:
-    """The Trainer's loop arguments that the run and toolkit sections map onto one to one."""
-    return {
-        "max_epochs": run.max_epochs,
-        "deterministic": run.deterministic,
-        "limit_train_batches": run.limit_train_batches,
-        "limit_val_batches": run.limit_val_batches,
-        "val_check_interval": run.val_check_interval,
-        "check_val_every_n_epoch": run.check_val_every_n_epoch,
-        "fast_dev_run": run.fast_dev_run,
-        "overfit_batches": run.overfit_batches,
-        "gradient_clip_val": toolkit.gradient_clip_val or None,  # 0 means off, which Lightning spells None
-        "gradient_clip_algorithm": toolkit.gradient_clip_algorithm,
-        "accumulate_grad_batches": toolkit.accumulate_grad_batches,
-    }
+    """The run and toolkit settings that are Trainer arguments by the same name and meaning; the
+    others become callbacks (training.py). `profiler` is left to the fit Trainer, which writes its
+    report into the run folder."""
+    options = {name: value for name, value in arguments_for(L.Trainer, run, toolkit).items() if name != "profiler"}
+    options["gradient_clip_val"] = options["gradient_clip_val"] or None  # 0 means off, which Lightning spells None
+    return options

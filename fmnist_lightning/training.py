@@ -29,9 +29,9 @@ from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import (
     Hardware,
-    hardware_for,
     is_global_zero,
     launcher_restarts,
+    resolve_hardware,
     torchrun_agent,
     torchrun_restart_warning,
 )
@@ -197,7 +197,7 @@ def run_fit(
 ) -> FitResult:
     """Train as `fmnist fit` does and return where everything went. `extra_callbacks` are added
     to the Trainer (for library users and tests that want to observe training)."""
-    hw = hardware_for(s.hardware)
+    hw = resolve_hardware(s.hardware)
     if s.run.fast_dev_run:
         if out is not None or resume or overwrite:
             raise UsageError("--fast-dev-run keeps no files; drop --out, --resume and --overwrite")

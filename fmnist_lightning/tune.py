@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import Callback
 
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.extras import extra_hint, require_extra
-from fmnist_lightning.hardware import hardware_for
+from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.space import Param, with_value
 from fmnist_lightning.tracking import log_parent_results, parent_run
@@ -111,7 +111,7 @@ def require_optuna() -> None:
 
 def check_single_process(base: Settings) -> None:
     """A trial runs in this process: DDP inside a trial is refused (run several workers instead)."""
-    hw = hardware_for(base.hardware)
+    hw = resolve_hardware(base.hardware)
     n = len(hw.devices) if isinstance(hw.devices, list) else hw.devices
     if n * hw.num_nodes > 1:
         raise UsageError(

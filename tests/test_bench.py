@@ -87,9 +87,9 @@ def test_a_precision_list_measures_every_path_in_each(real_data: None, cli, tmp_
 
 def test_summary_is_the_mean_with_the_spread_of_the_rounds() -> None:
     summary = _summary([_result(1000, 2000), _result(3000, 4000)])
-    assert summary["train_images_per_s"] == 2000 and summary["eval_images_per_s"] == 3000
-    assert summary["train_images_per_s_std"] == pytest.approx(1414.2136, rel=1e-6)
-    assert summary["rounds"] == 2 and summary["peak_rss_mb"] == 100.0
+    assert summary.train_images_per_s == 2000 and summary.eval_images_per_s == 3000
+    assert summary.train_images_per_s_std == pytest.approx(1414.2136, rel=1e-6)
+    assert summary.rounds == 2 and summary.peak_rss_mb == 100.0
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,7 @@ def test_a_miscounted_timing_is_an_error_even_under_python_O() -> None:
     code = (
         "import types, torch\n"
         "from fmnist_lightning.timing import StepTimer\n"
-        "cfg = types.SimpleNamespace(warmup_steps=1, steps=6, optimisation=types.SimpleNamespace(batch_size=8192))\n"
+        "cfg = types.SimpleNamespace(warmup_steps=1, steps=6, batch_size=8192)\n"
         "timer = StepTimer(cfg)\n"
         "timer.steps = 6  # the fit ended one step early\n"
         "timer.result(cfg, 2500, torch.device('cpu'))\n"

@@ -21,6 +21,7 @@ import yaml
 from fmnist_lightning import hardware
 from fmnist_lightning.errors import TrainingInterrupted
 from fmnist_lightning.hardware import resolve_hardware
+from fmnist_lightning.settings import HardwareSettings
 from fmnist_lightning.training import run_fit
 from tests.helpers import is_png, tiny_settings
 from tests.test_resume import METRICS, SignalAt, _metrics, _weights
@@ -47,12 +48,13 @@ def test_auto_precision_on_the_cpu_follows_native_bf16(
         cpuinfo.write_text(CPUINFO.format(extra=flags) * 2)
     monkeypatch.setattr(hardware, "CPU_INFO", cpuinfo)
     monkeypatch.setattr(hardware, "CPU_BF16_BY_DEFAULT", True)
-    hw = resolve_hardware("cpu", "auto", "auto", "auto")
+    hw = resolve_hardware(HardwareSettings(accelerator="cpu"))
     assert (hw.precision, hw.precision_why) == (precision, why)
     assert hw.precision_described == f"{precision} ({why})"
     # An explicit precision always wins, whatever the CPU.
     for asked in ("32-true", "bf16-mixed"):
-        assert resolve_hardware("cpu", "auto", "auto", asked).precision_described == f"{asked} (asked for)"
+        hw = resolve_hardware(HardwareSettings(accelerator="cpu", precision=asked))
+        assert hw.precision_described == f"{asked} (asked for)"
 
 
 def test_with_the_switch_off_a_bf16_cpu_stays_on_fp32_and_says_why(
@@ -62,7 +64,7 @@ def test_with_the_switch_off_a_bf16_cpu_stays_on_fp32_and_says_why(
     cpuinfo.write_text(CPUINFO.format(extra="avx512f avx512_bf16"))
     monkeypatch.setattr(hardware, "CPU_INFO", cpuinfo)
     monkeypatch.setattr(hardware, "CPU_BF16_BY_DEFAULT", False)
-    hw = resolve_hardware("cpu", "auto", "auto", "auto")
+    hw = resolve_hardware(HardwareSettings(accelerator="cpu"))
     assert hw.precision_described == (
         "32-true (the CPU has avx512_bf16, but bf16's accuracy is not yet shown equal to fp32's)"
     )
@@ -73,7 +75,7 @@ def test_a_flag_named_in_another_line_does_not_count(tmp_path: Path, monkeypatch
     cpuinfo.write_text("model name\t: avx512_bf16 marketing name\nflags\t\t: avx2\n")
     monkeypatch.setattr(hardware, "CPU_INFO", cpuinfo)
     monkeypatch.setattr(hardware, "CPU_BF16_BY_DEFAULT", True)
-    assert resolve_hardware("cpu", "auto", "auto", "auto").precision == "32-true"
+    assert resolve_hardware(HardwareSettings(accelerator="cpu")).precision == "32-true"
 
 
 BF16 = dict(batch_size=64, limit_train_batches=12, precision="bf16-mixed", logger=("csv",))

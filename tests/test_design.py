@@ -12,8 +12,8 @@ import pytest
 
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import is_global_zero
-from fmnist_lightning.sections import Section
-from fmnist_lightning.settings import BenchConfig, EvaluationRun, Settings
+from fmnist_lightning.sections import Section, Sectioned
+from fmnist_lightning.settings import BenchConfig, EvaluationRun, ModelSettings, Settings
 from fmnist_lightning.settings_io import resolve_settings
 
 PACKAGE = Path(__file__).parent.parent / "fmnist_lightning"
@@ -154,7 +154,7 @@ def test_each_consumer_takes_only_its_sections() -> None:
     consumers = {
         data.FashionMNISTDataModule.from_settings: "DataSettings",
         model.FashionClassifier.from_settings: "ModelSettings",
-        hardware.hardware_for: "HardwareSettings",
+        hardware.resolve_hardware: "HardwareSettings",
         evaluation.evaluate: "EvaluationRun",
         evaluation.run_test: "EvaluationRun",
         evaluation.predict_samples: "EvaluationRun",
@@ -169,16 +169,18 @@ def test_each_consumer_takes_only_its_sections() -> None:
     assert "OptimisationSettings" in takes(model.FashionClassifier.from_settings)
 
 
-def test_bench_config_embeds_the_sections_instead_of_redeclaring_them() -> None:
-    own = {name for name, field in BenchConfig.flat_fields().items() if field.section is None}
-    # seed stays its own: the benchmark's paths all start from seed 0, a training run from 42; and
-    # precision is a list there (each path in each), shadowing the hardware section's single value.
-    assert own & set(Settings.flat_fields()) == {"seed", "precision"}
+def test_bench_config_is_flat_with_its_own_defaults() -> None:
+    """The benchmark's few settings are its own plain fields, not a training run's sections: a path
+    runs in PyTorch's plain layout from seed 0 by default, and `precision` is a list (each path in each)."""
+    assert BenchConfig.sections() == {} and all(f.section is None for f in BenchConfig.flat_fields().values())
     assert BenchConfig(precision="32-true,bf16-mixed").precision == ("32-true", "bf16-mixed")
     b = BenchConfig(accelerator="cpu", batch_size=64)
-    assert (b.hardware.accelerator, b.optimisation.batch_size) == ("cpu", 64)
-    # Its own defaults: PyTorch's plain layout and batches of 1000 for evaluation.
-    assert (b.model.channels_last, b.evaluation.eval_batch_size, b.model.dropout) == (False, 1000, False)
+    assert (b.accelerator, b.batch_size, b.channels_last, b.eval_batch_size, b.seed) == ("cpu", 64, False, 1000, 0)
+    with pytest.raises(TypeError, match="steps must be sections"):  # the two kinds of model do not mix
+
+        class Mixed(Sectioned):
+            model: ModelSettings = ModelSettings()
+            steps: int = 1
 
 
 def test_bench_config_quick_and_epochs_set_the_steps() -> None:

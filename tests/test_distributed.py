@@ -95,11 +95,12 @@ def test_hardware_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     from fmnist_lightning import hardware
     from fmnist_lightning.errors import UsageError
     from fmnist_lightning.hardware import resolve_hardware
+    from fmnist_lightning.settings import HardwareSettings
 
     monkeypatch.setattr(hardware, "CPU_INFO", tmp_path / "no-cpuinfo")  # a CPU without native bf16 (test_bf16.py)
 
     def resolve(accelerator: str = "auto", devices: str = "auto", precision: str = "auto", **kw: object):
-        return resolve_hardware(accelerator, devices, "auto", precision, **kw)  # type: ignore[arg-type]
+        return resolve_hardware(HardwareSettings(accelerator=accelerator, devices=devices, precision=precision, **kw))
 
     cpu2 = resolve(accelerator="cpu", devices="2")
     assert (cpu2.accelerator, cpu2.devices, cpu2.strategy, cpu2.precision) == ("cpu", 2, "ddp", "32-true")
@@ -107,5 +108,5 @@ def test_hardware_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert resolve(accelerator="cpu", precision="bf16-mixed").precision == "bf16-mixed"
     with pytest.raises(UsageError, match="16-mixed needs a GPU"):
         resolve(accelerator="cpu", precision="16-mixed")
-    with pytest.raises(UsageError, match="at least 1"):
+    with pytest.raises(ValueError, match="a count >= 1"):  # refused by the settings already
         resolve(devices="0")

@@ -405,6 +405,7 @@ def test_checkpoints_keep_each_ranks_rng_state_and_restore_its_own() -> None:
 def test_auto_precision_avoids_emulated_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
     """A V100 or T4 'supports' bf16 only by emulation: auto must pick 16-mixed there."""
     from fmnist_lightning import hardware
+    from fmnist_lightning.settings import HardwareSettings
 
     def bf16(including_emulation: bool = True) -> bool:
         return including_emulation  # emulated only
@@ -413,8 +414,8 @@ def test_auto_precision_avoids_emulated_bf16(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "Tesla V100")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16)
-    assert hardware.resolve_hardware("gpu", "1", "auto", "auto").precision == "16-mixed"
+    assert hardware.resolve_hardware(HardwareSettings(accelerator="gpu", devices="1")).precision == "16-mixed"
     with pytest.raises(Exception, match="cannot do bf16-mixed natively"):
-        hardware.resolve_hardware("gpu", "1", "auto", "bf16-mixed")
+        hardware.resolve_hardware(HardwareSettings(accelerator="gpu", devices="1", precision="bf16-mixed"))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an A100, H100
-    assert hardware.resolve_hardware("gpu", "1", "auto", "auto").precision == "bf16-mixed"
+    assert hardware.resolve_hardware(HardwareSettings(accelerator="gpu", devices="1")).precision == "bf16-mixed"

@@ -16,7 +16,7 @@ from lightning.pytorch.profilers import PyTorchProfiler, SimpleProfiler
 from fmnist_lightning.callbacks import FiniteLossGuard, StochasticWeightAverage
 from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.errors import NonFiniteLoss
-from fmnist_lightning.hardware import hardware_for
+from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.runs import read_metrics
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.training import build_trainer, run_fit
@@ -37,7 +37,7 @@ TINY_CLI = [
 
 def _trainer(tmp_path: Path, **settings: Any) -> Any:
     s = Settings(accelerator="cpu", progress=False, **settings)
-    return build_trainer(s, hardware_for(s.hardware), tmp_path)
+    return build_trainer(s, resolve_hardware(s.hardware), tmp_path)
 
 
 def _callbacks(trainer: Any, kind: type) -> list[Any]:
