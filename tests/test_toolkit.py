@@ -122,6 +122,14 @@ def test_early_stopping_stops_a_real_run(real_data: None, cli, tmp_path: Path) -
     assert (out / "checkpoints" / "best.ckpt").is_file()
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_clipped_gradients_train_in_every_precision(real_data: None, tmp_path: Path, precision: str) -> None:
+    # Lightning's mixed-precision plugin refuses to clip for a fused optimiser (a traceback, before).
+    s = Settings(**{**TINY, "max_epochs": 1}, gradient_clip_val=1.0, precision=precision)
+    result = run_fit(s, out=tmp_path / "run")
+    assert result.epochs == 1 and (result.run_dir / "checkpoints" / "best.ckpt").is_file()
+
+
 def test_early_stopping_counts_validations_within_an_epoch(real_data: None, tmp_path: Path) -> None:
     # Two validations per epoch: the second already fails to improve by a whole point.
     s = Settings(
