@@ -26,7 +26,7 @@ def extra_hint(extra: str) -> str:
 
 def missing_modules(names: Sequence[str]) -> list[str]:
     """Which of these top-level modules are not installed (none imported to find out)."""
-    # Looked up on the module at each call: tests replace importlib.util.find_spec to fake a missing one.
+    # A module set to None in sys.modules counts as missing: tests fake a missing extra that way.
     return [name for name in names if importlib.util.find_spec(name) is None]
 
 

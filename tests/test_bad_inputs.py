@@ -216,7 +216,7 @@ def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     import sys
 
     args = [sys.executable, "-m", "fmnist_lightning", "--debug", "test", "--ckpt", str(tmp_path / "missing.ckpt")]
-    result = subprocess.run(args, capture_output=True, text=True)
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "CheckpointError" in result.stderr
 

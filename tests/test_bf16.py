@@ -23,8 +23,7 @@ from fmnist_lightning.errors import TrainingInterrupted
 from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.settings import HardwareSettings
 from fmnist_lightning.training import run_fit
-from tests.helpers import is_png, tiny_settings
-from tests.test_resume import METRICS, SignalAt, _metrics, _weights
+from tests.helpers import METRICS, SignalAt, epoch_metrics, is_png, last_weights, need, tiny_settings
 
 CPUINFO = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 {extra}\n\n"
 
@@ -116,7 +115,7 @@ def test_test_predict_and_tta_of_a_bf16_checkpoint(bf16_run: Path, cli, tmp_path
 
 
 def test_export_of_a_bf16_checkpoint_agrees_with_pytorch(bf16_run: Path, cli, tmp_path: Path) -> None:
-    pytest.importorskip("onnxruntime")
+    need("onnxruntime", "export")
     ckpt = bf16_run / "checkpoints" / "best.ckpt"
     for fmt, name in (("onnx", "m.onnx"), ("torchscript", "m.pt")):
         code, _, err = cli("export", "--ckpt", ckpt, "--format", fmt, "--out", tmp_path / name, "--offline")
@@ -139,11 +138,11 @@ def test_an_interrupted_bf16_run_resumes_exactly(real_data: None, tmp_path: Path
     with pytest.raises(TrainingInterrupted):
         run_fit(s, out=tmp_path / "cut", extra_callbacks=[SignalAt(0, 6, signal.SIGINT)])
     run_fit(s, out=tmp_path / "cut", resume=True)
-    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "cut")
+    straight, resumed = epoch_metrics(tmp_path / "straight"), epoch_metrics(tmp_path / "cut")
     assert len(resumed) == 2
     for a, b in zip(straight, resumed):
         for key in METRICS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
-    for name, tensor in _weights(tmp_path / "straight").items():
-        assert torch.equal(tensor, _weights(tmp_path / "cut")[name]), name
+    for name, tensor in last_weights(tmp_path / "straight").items():
+        assert torch.equal(tensor, last_weights(tmp_path / "cut")[name]), name
     shutil.rmtree(tmp_path)

@@ -11,31 +11,17 @@ from pathlib import Path
 import yaml
 
 from fmnist_lightning import __version__
-from tests.helpers import is_png
-
-TINY = [
-    "--offline",
-    "--accelerator",
-    "cpu",
-    "--max-epochs",
-    "1",
-    "--limit-train-batches",
-    "3",
-    "--limit-val-batches",
-    "1",
-    "--no-progress",
-]
+from tests.helpers import TINY_CPU, is_png
 
 
 def test_version_and_help_do_not_import_torch() -> None:
     code = "import sys; from fmnist_lightning.cli import app; print('torch' in sys.modules, 'lightning' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == [
-        "False",
-        "False",
-    ]
-    result = subprocess.run([sys.executable, "-m", "fmnist_lightning", "--version"], capture_output=True, text=True)
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert imported.stdout.split() == ["False", "False"]
+    fmnist = [sys.executable, "-m", "fmnist_lightning"]
+    result = subprocess.run([*fmnist, "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and __version__ in result.stdout
-    result = subprocess.run([sys.executable, "-m", "fmnist_lightning", "--help"], capture_output=True, text=True)
+    result = subprocess.run([*fmnist, "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     for command in ("data", "fit", "test", "predict-samples", "compare"):
         assert command in result.stdout
@@ -43,7 +29,7 @@ def test_version_and_help_do_not_import_torch() -> None:
 
 def test_fit_writes_a_complete_run_folder(real_data: None, cli, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code, stdout, err = cli("fit", *TINY, "--max-epochs", "2", "--no-dropout", "--out", out)
+    code, stdout, err = cli("fit", *TINY_CPU, "--max-epochs", "2", "--no-dropout", "--out", out)
     assert code == 0, err
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["max_epochs"] == 2 and config["dropout"] is False
@@ -59,8 +45,8 @@ def test_fit_writes_a_complete_run_folder(real_data: None, cli, tmp_path: Path) 
 
 def test_default_out_is_a_new_numbered_folder(real_data: None, cli, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    assert cli("fit", *TINY)[0] == 0
-    assert cli("fit", *TINY)[0] == 0
+    assert cli("fit", *TINY_CPU)[0] == 0
+    assert cli("fit", *TINY_CPU)[0] == 0
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["001", "002"]
 
 
@@ -68,7 +54,7 @@ def test_config_file_then_options(real_data: None, cli, tmp_path: Path) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("max-epochs: 1\nbatch_size: 64\nlr: 2e-3\nweight_decay: 1e-4\n")  # YAML 1.1 reads 2e-3 as text
     out = tmp_path / "run"
-    code, _, err = cli("fit", "--config", config, *TINY, "--lr", "0.003", "--out", out)
+    code, _, err = cli("fit", "--config", config, *TINY_CPU, "--lr", "0.003", "--out", out)
     assert code == 0, err
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["batch_size"] == 64 and saved["lr"] == 0.003 and saved["weight_decay"] == 1e-4
@@ -125,7 +111,7 @@ def test_predict_samples_writes_into_the_run_folder_by_default(copied_run: Path,
 
 def test_compare_trains_both_variants(real_data: None, cli, tmp_path: Path) -> None:
     out = tmp_path / "cmp"
-    code, stdout, err = cli("compare", *TINY, "--out", out)
+    code, stdout, err = cli("compare", *TINY_CPU, "--out", out)
     assert code == 0, err
     for variant, dropout in (("dropout", True), ("no-dropout", False)):
         assert yaml.safe_load((out / variant / "config.yaml").read_text())["dropout"] is dropout
@@ -151,7 +137,7 @@ def test_intended_use_lines_run_in_order(real_data: None, cli, tmp_path: Path, m
     code, _, err = cli("predict-samples")
     assert code == 2
     assert err.strip() == "error: no trained run under runs/: train one first (fmnist fit), or pass --ckpt"
-    code, _, err = cli("fit", *TINY)
+    code, _, err = cli("fit", *TINY_CPU)
     assert code == 0, err
     shutil.copy(tmp_path / "runs" / "001" / "checkpoints" / "best.ckpt", tmp_path / "best.ckpt")
     code, stdout, err = cli("test", "--ckpt", "best.ckpt")
@@ -206,7 +192,7 @@ def test_debug_shows_lightnings_messages_once(real_data: None, tmp_path: Path) -
     """Lightning's package logger has a console handler of its own; with --debug its messages
     must still be printed once, by ours. Without --debug they are hidden."""
     fit = [sys.executable, "-m", "fmnist_lightning"]
-    args = ["fit", "--fast-dev-run", *TINY, "--logger", "csv"]
+    args = ["fit", "--fast-dev-run", *TINY_CPU, "--logger", "csv"]
     debug = subprocess.run([*fit, "--debug", *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert debug.returncode == 0, debug.stderr
     assert debug.stderr.count("GPU available:") == 1, debug.stderr

@@ -57,7 +57,8 @@ def test_rendering_a_report_imports_neither_torch_nor_lightning(tmp_path: Path) 
         "html_report.stale_outputs(Path(sys.argv[1])); runs.read_metrics(Path(sys.argv[1]) / 'metrics.csv')\n"
         "print(sorted(m for m in ('torch', 'lightning') if m in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    command = [sys.executable, "-c", code, str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.strip() == "[]"
 
 

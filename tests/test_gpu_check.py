@@ -106,14 +106,17 @@ def _plan_line(stdout: str, step: str) -> str:
 
 
 def test_gpu_check_parses_helps_and_refuses_bad_usage(tmp_path: Path) -> None:
-    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
-    helped = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True)
+    def script(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", *args], capture_output=True, text=True, timeout=60)
+
+    assert script("-n", str(SCRIPT)).returncode == 0
+    helped = script(str(SCRIPT), "--help")
     assert helped.returncode == 0 and "--dry-run" in helped.stdout and "GPU_CHECK_STEP_TIMEOUT" in helped.stdout
-    assert subprocess.run(["bash", str(SCRIPT)], capture_output=True).returncode == 2  # OUT_DIR is required
-    assert subprocess.run(["bash", str(SCRIPT), "out", "--seeds", "2"], capture_output=True).returncode == 2
+    assert script(str(SCRIPT)).returncode == 2  # OUT_DIR is required
+    assert script(str(SCRIPT), "out", "--seeds", "2").returncode == 2
     (tmp_path / "used" / "old.json").parent.mkdir()
     (tmp_path / "used" / "old.json").write_text("{}")
-    refused = subprocess.run(["bash", str(SCRIPT), str(tmp_path / "used")], capture_output=True, text=True)
+    refused = script(str(SCRIPT), str(tmp_path / "used"))
     assert refused.returncode == 2 and "not empty" in refused.stderr  # old results cannot pass for new ones
 
 
@@ -183,7 +186,7 @@ def test_a_step_that_times_out_records_124_and_the_next_steps_still_run(stub: di
         "env": 0, "data": 0, "fit": 0, "test": 0, "bench-b128": 124, "bench-b512": 0, "bench-compiled-b512": 0
     }  # fmt: skip
     assert steps["bench-b128"]["timed_out"] and steps["bench-b128"]["timeout_s"] == 2
-    assert not steps["fit"]["timed_out"] and steps["fit"]["seconds"] < 2
+    assert not steps["fit"]["timed_out"]
     assert all((out / f"{name}.log").is_file() for name in STEPS)
     assert summary["ok"] is False and summary["stopped_early"] is None
     assert summary["gpu"] == "NVIDIA H200, 143771 MiB, 570.00"
@@ -272,11 +275,13 @@ def test_budget_shrinks_the_running_step_and_skips_the_steps_it_cannot_fit(
     stub: dict[str, str], tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    # Steps of 3 s within 4 s in all: data runs, fit sleeps out its 3 s, nothing else fits.
-    result = _run([str(out), "--budget", "4"], stub, tmp_path, GPU_CHECK_STEP_TIMEOUT="3", FAKE_SLEEP="lightning fit")
+    # Steps of 10 s within 12 s in all: data runs (the steps before it take a blink, or a few seconds
+    # on a busy machine), fit sleeps out what is left, nothing else fits.
+    args = [str(out), "--budget", "12"]
+    result = _run(args, stub, tmp_path, GPU_CHECK_STEP_TIMEOUT="10", FAKE_SLEEP="lightning fit")
     assert result.returncode == 1, result.stderr
     steps = json.loads((out / "gpu_check.json").read_text())["steps"]
-    assert steps["data"]["exit_code"] == 0 and steps["fit"]["exit_code"] == 124 and steps["fit"]["timeout_s"] <= 3
+    assert steps["data"]["exit_code"] == 0 and steps["fit"]["exit_code"] == 124 and steps["fit"]["timeout_s"] <= 10
     for name in ("bench-b128", "bench-b512", "bench-compiled-b512"):
-        assert steps[name]["exit_code"] is None and "out of --budget 4" in steps[name]["skipped"]
+        assert steps[name]["exit_code"] is None and "out of --budget 12" in steps[name]["skipped"]
     assert not any(call[1] == "scripts/benchmark.py" for call in _calls(stub))

@@ -4,7 +4,6 @@ training time that counted validation, stops lost under DDP, per-rank RNG, emula
 from __future__ import annotations
 
 import csv
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +19,7 @@ from fmnist_lightning.data import Batch
 from fmnist_lightning.errors import NonFiniteLoss, TrainingInterrupted
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.settings import Settings
-from tests.helpers import classifier
+from tests.helpers import TINY, classifier
 
 # Calls that read a device value back to the host (as a Python number, bool, list, array or text):
 # each stalls a GPU's host thread until everything queued before it has run.
@@ -310,44 +309,42 @@ def test_macro_f1_from_the_confusion_matrix_equals_torchmetrics() -> None:
     assert float(accuracy) == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
 
 
-class SlowValidation(Callback):
-    """Makes validation take over 2 s, and times the epoch and its validation from the outside."""
+class FakeClock(Callback):
+    """The clock metrics.csv's timings read (callbacks.time), advanced only by the run: each training
+    step takes 1 s and each validation batch 100 s, however long they really take."""
 
     def __init__(self) -> None:
-        self.marks: dict[str, float] = {}
+        self.now = 0.0
 
-    def on_train_epoch_start(self, *args: Any) -> None:
-        self.marks["epoch_start"] = time.perf_counter()
+    def perf_counter(self) -> float:
+        return self.now
 
-    def on_validation_epoch_start(self, *args: Any) -> None:
-        self.marks["val_start"] = time.perf_counter()
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.now += 1.0
 
     def on_validation_batch_end(self, *args: Any) -> None:
-        time.sleep(2.0)
-
-    def on_validation_epoch_end(self, *args: Any) -> None:
-        self.marks["val_end"] = time.perf_counter()
-
-    def on_train_epoch_end(self, *args: Any) -> None:
-        self.marks["epoch_end"] = time.perf_counter()
+        self.now += 100.0
 
 
-def test_training_time_excludes_the_validation_inside_fit(real_data: None, tmp_path: Path) -> None:
+def test_training_time_excludes_the_validation_inside_fit(
+    real_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fmnist_lightning import callbacks
     from fmnist_lightning.training import run_fit
 
-    s = Settings(
-        max_epochs=1, limit_train_batches=3, limit_val_batches=1, offline=True, progress=False, accelerator="cpu"
-    )
-    slow = SlowValidation()
-    run_fit(s, out=tmp_path / "run", extra_callbacks=[slow])
+    clock = FakeClock()
+    monkeypatch.setattr(callbacks, "time", clock)
+    # Validation twice an epoch (after steps 2 and 4), one batch each: 200 s inside a 4-step epoch.
+    s = Settings(**{**TINY, "max_epochs": 2}, val_check_interval=0.5)
+    run_fit(s, out=tmp_path / "run", extra_callbacks=[clock])
     with (tmp_path / "run" / "metrics.csv").open() as f:
-        row = next(csv.DictReader(f))
-    m = slow.marks
-    epoch, validation = m["epoch_end"] - m["epoch_start"], m["val_end"] - m["val_start"]
-    assert validation >= 2.0
-    assert float(row["train_time_s"]) == pytest.approx(epoch - validation, abs=0.3)  # not `epoch`
-    assert float(row["images_per_s"]) == pytest.approx(3 * 128 / float(row["train_time_s"]), rel=0.01)
-    assert row["gpu_peak_mb"] == ""  # only on a GPU
+        rows = list(csv.DictReader(f))
+    assert clock.now == 2 * (4 * 1.0 + 2 * 100.0)  # the fake clock saw every step and validation
+    for row in rows:  # each epoch: its 4 steps of 1 s, not the 204 s the epoch took
+        assert float(row["train_time_s"]) == 4.0
+        assert float(row["images_per_s"]) == 4 * 128 / 4.0
+        assert row["gpu_peak_mb"] == ""  # only on a GPU
+    assert len(rows) == 2
 
 
 def _fake_trainer(world_size: int, rank: int = 0, decision: bool = False) -> Any:

@@ -70,7 +70,7 @@ def two_nodes(args: list[str], cwd: Path, logs: Path, timeout: float = 300) -> N
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                p.wait(timeout=60)
     codes = [p.returncode for p in procs]
     assert codes == [0, 0], f"torchrun exit codes {codes}:\n{_tails(logs)}"
 

@@ -14,7 +14,7 @@ from fmnist_lightning.data import CLASS_NAMES, to_float_images
 from fmnist_lightning.errors import CheckpointError
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.networks import ConvNet, build_network
-from tests.helpers import classifier
+from tests.helpers import classifier, need
 
 
 def test_tutorial_network_has_356234_parameters_and_tf_same_shapes() -> None:
@@ -126,7 +126,9 @@ def test_other_programs_checkpoint_is_refused(tmp_path: Path) -> None:
 
 def test_report_matches_scikit_learn(trained_run: Path, cli, tmp_path: Path) -> None:
     """fmnist test's numbers equal scikit-learn's classification_report on the same predictions."""
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    need("sklearn", "test")
+    from sklearn import metrics as sklearn_metrics
+
     out = tmp_path / "report"
     code, stdout, err = cli("test", "--ckpt", trained_run / "checkpoints" / "best.ckpt", "--offline", "--out", out)
     assert code == 0, err

@@ -4,7 +4,6 @@ seeded deterministic runs repeat bit for bit."""
 
 from __future__ import annotations
 
-import csv
 import os
 import signal
 import subprocess
@@ -15,15 +14,22 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted
 from fmnist_lightning.runs import run_lock
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.training import run_fit
-from tests.helpers import ended_output, pause_env, saved_step, wait_for_pause
-
-METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro")
+from tests.helpers import (
+    METRICS,
+    Lines,
+    SignalAt,
+    ended_output,
+    epoch_metrics,
+    last_weights,
+    pause_env,
+    saved_step,
+    wait_for_pause,
+)
 
 
 @pytest.fixture
@@ -43,28 +49,6 @@ def settings() -> Settings:
         progress=False,
         accelerator="cpu",
     )
-
-
-class SignalAt(Callback):
-    """Sends the process a signal at the end of one training step, as Ctrl-C would."""
-
-    def __init__(self, epoch: int, batch: int, signum: int = signal.SIGINT) -> None:
-        self.epoch, self.batch, self.signum = epoch, batch, signum
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if (trainer.current_epoch, batch_idx) == (self.epoch, self.batch):
-            os.kill(os.getpid(), self.signum)
-
-
-def _metrics(run: Path) -> list[dict[str, float]]:
-    if not (run / "metrics.csv").exists():
-        return []
-    with (run / "metrics.csv").open() as f:
-        return [{k: float(row[k]) for k in ("epoch", *METRICS)} for row in csv.DictReader(f)]
-
-
-def _weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
 @pytest.mark.parametrize(
@@ -93,19 +77,19 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(
     with pytest.raises(TrainingInterrupted, match=f"Continue with: fmnist fit --out {tmp_path / 'cut'} --resume"):
         run_fit(settings, out=tmp_path / "cut", extra_callbacks=[SignalAt(epoch, batch, signum)])
     assert handlers() == before  # and after an interrupted one
-    interrupted_rows = len(_metrics(tmp_path / "cut"))
+    interrupted_rows = len(epoch_metrics(tmp_path / "cut"))
     assert interrupted_rows == epoch
     if "accumulate_grad_batches" in changes:  # stopped at the end of the group the signal came in: batch 10
         assert torch.load(tmp_path / "cut" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     run_fit(settings, out=tmp_path / "cut", resume=True)
 
-    straight, resumed = _metrics(tmp_path / "straight"), _metrics(tmp_path / "cut")
+    straight, resumed = epoch_metrics(tmp_path / "straight"), epoch_metrics(tmp_path / "cut")
     assert [r["epoch"] for r in resumed] == [1.0, 2.0]
     for a, b in zip(straight, resumed):
         for key in METRICS:
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
-    for name, tensor in _weights(tmp_path / "straight").items():
-        assert torch.allclose(tensor.float(), _weights(tmp_path / "cut")[name].float(), atol=1e-5), name
+    for name, tensor in last_weights(tmp_path / "straight").items():
+        assert torch.allclose(tensor.float(), last_weights(tmp_path / "cut")[name].float(), atol=1e-5), name
 
 
 def test_resume_can_extend_a_finished_run(real_data: None, settings: Settings, tmp_path: Path) -> None:
@@ -113,7 +97,7 @@ def test_resume_can_extend_a_finished_run(real_data: None, settings: Settings, t
     run_fit(short, out=tmp_path / "run")
     result = run_fit(short.replace(max_epochs=2), out=tmp_path / "run", resume=True)
     assert result.epochs == 2
-    assert [r["epoch"] for r in _metrics(tmp_path / "run")] == [1.0, 2.0]
+    assert [r["epoch"] for r in epoch_metrics(tmp_path / "run")] == [1.0, 2.0]
 
 
 def test_resume_refuses_to_stretch_a_scheduled_run(real_data: None, settings: Settings, tmp_path: Path) -> None:
@@ -129,8 +113,8 @@ def test_same_seed_deterministic_runs_are_bit_identical(real_data: None, setting
     one_epoch = settings.replace(max_epochs=1)
     run_fit(one_epoch, out=tmp_path / "a")
     run_fit(one_epoch, out=tmp_path / "b")
-    assert _metrics(tmp_path / "a") == _metrics(tmp_path / "b")
-    a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
+    assert epoch_metrics(tmp_path / "a") == epoch_metrics(tmp_path / "b")
+    a, b = last_weights(tmp_path / "a"), last_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -150,11 +134,11 @@ def test_lock_is_released_when_the_holder_dies(tmp_path: Path) -> None:
          f"import time\nwith run_lock(Path({str(tmp_path)!r})):\n    print('locked', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    assert holder.stdout is not None and Lines(holder.stdout, "the lock holder").next().strip() == "locked"
     with pytest.raises(FmnistError, match="another fmnist process"), run_lock(tmp_path):
         pass
     holder.kill()  # kill -9: the kernel drops the lock with the process
-    holder.wait()
+    holder.wait(timeout=60)
     with run_lock(tmp_path):
         pass
 
@@ -180,16 +164,16 @@ def test_kill_9_during_saves_never_leaves_a_corrupt_checkpoint(tmp_path: Path, s
             stale.unlink()
         saver = subprocess.Popen([sys.executable, "-c", SAVE_LOOP, str(path)], stdout=subprocess.PIPE, text=True)
         assert saver.stdout is not None
+        saved = Lines(saver.stdout, "the save loop")
         for _ in range(saves):
-            assert saver.stdout.readline(), "the save loop ended"
+            assert saved.next(), "the save loop ended"
         deadline = time.monotonic() + 60
         while not _written_to(path):  # a save under way
             assert saver.poll() is None, "the save loop ended"
             assert time.monotonic() < deadline, "in 60 s no save wrote to a temporary file (to rename it into place)"
             time.sleep(0.001)
         saver.send_signal(signal.SIGKILL)
-        saver.wait()
-        saver.stdout.close()
+        saver.wait(timeout=60)
         if _temporary(path):
             break
     else:
@@ -232,9 +216,9 @@ def test_ctrl_c_in_the_cli_saves_and_prints_the_resume_command(real_data: None, 
     # Step 3's own check for a signal had run before the pause: the run stops after the next step.
     assert "stopped by SIGINT in epoch 1 after step 4;" in err, err
     assert saved_step(run) == 4
-    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env)
+    resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert len(_metrics(run)) == 1
+    assert len(epoch_metrics(run)) == 1
 
 
 DDP_FIT = ["-m", "fmnist_lightning", "fit", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
@@ -272,10 +256,10 @@ def test_ddp_run_interrupted_and_resumed_equals_uninterrupted(real_data: None, t
     straight = _ddp_fit(tmp_path / "straight")
     _, err = straight.communicate(timeout=600)
     assert straight.returncode == 0, err[-3000:]
-    assert [r["epoch"] for r in _metrics(tmp_path / "cut")] == [1.0, 2.0]
-    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "straight")
-    for name, tensor in _weights(tmp_path / "straight").items():
-        assert torch.equal(tensor, _weights(tmp_path / "cut")[name]), name
+    assert [r["epoch"] for r in epoch_metrics(tmp_path / "cut")] == [1.0, 2.0]
+    assert epoch_metrics(tmp_path / "cut") == epoch_metrics(tmp_path / "straight")
+    for name, tensor in last_weights(tmp_path / "straight").items():
+        assert torch.equal(tensor, last_weights(tmp_path / "cut")[name]), name
 
 
 def test_ranks_draw_different_augmentations() -> None:

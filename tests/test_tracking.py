@@ -17,9 +17,9 @@ import pytest
 
 from fmnist_lightning.errors import FmnistError
 from fmnist_lightning.settings_io import resolve_settings
-from tests.helpers import free_port, need, subprocess_env, wait_until
+from tests.helpers import TINY_CPU, free_port, need, subprocess_env, wait_until, without_module
 
-TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "2")
+TWO_EPOCHS = [*TINY_CPU, "--max-epochs", "2"]
 EPOCH_METRICS = ("train/loss", "train/acc", "val/loss", "val/acc", "lr", "images_per_s")
 
 
@@ -40,7 +40,7 @@ def test_fit_logs_to_the_embedded_store_by_default(real_data: None, cli, tmp_pat
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "runs" / "001"
-    code, _, err = cli("fit", *TINY, "--logger", "mlflow", "--out", run_dir)
+    code, _, err = cli("fit", *TWO_EPOCHS, "--logger", "mlflow", "--out", run_dir)
     assert code == 0, err
     assert not (run_dir / "tensorboard").exists()  # --logger replaces the default
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
@@ -83,7 +83,7 @@ def test_fit_and_test_log_to_a_real_mlflow_server(real_data: None, mlflow_server
     from mlflow.tracking import MlflowClient
 
     run_dir = tmp_path / "runs" / "001"
-    args = ("fit", *TINY, "--logger", "mlflow,csv", "--tracking-uri", mlflow_server, "--experiment", "served")
+    args = ("fit", *TWO_EPOCHS, "--logger", "mlflow,csv", "--tracking-uri", mlflow_server, "--experiment", "served")
     code, _, err = cli(*args, "--out", run_dir, "--test")
     assert code == 0, err
     assert not (tmp_path / "runs" / "mlflow.db").exists()  # nothing local with a server
@@ -96,11 +96,8 @@ def test_fit_and_test_log_to_a_real_mlflow_server(real_data: None, mlflow_server
 
 
 def test_mlflow_without_the_extra_names_it(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
-    code, _, err = cli("fit", *TINY, "--logger", "mlflow", "--out", tmp_path / "run")
+    without_module(monkeypatch, "mlflow")
+    code, _, err = cli("fit", *TINY_CPU, "--logger", "mlflow", "--out", tmp_path / "run")
     assert code == 2 and err.strip() == (
         "error: --logger mlflow needs the 'tracking' extra (mlflow missing): pip install -e \".[tracking]\""
     ), err
@@ -129,8 +126,9 @@ def test_an_unreachable_tracking_server_is_one_line_before_training(real_data: N
     assert lines[0].startswith(f"error: cannot reach the MLflow tracking server {uri} (Connection refused)")
     assert "mlflow server --host 127.0.0.1" in lines[0] and "drop --tracking-uri" in lines[0]
     assert "Traceback" not in result.stderr + result.stdout
-    # Most of it is importing torch and Lightning (about 10 s on a busy 2-core machine): far from minutes.
-    assert elapsed < 30, f"{elapsed:.0f} s"
+    # The bound is the behaviour: no retries. Most of the time is importing torch and Lightning (about
+    # 10 s on a busy 2-core machine); MLflow's client alone would retry for about 4 minutes.
+    assert elapsed < 90, f"{elapsed:.0f} s"
     assert not run_dir.exists() and not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("mlflow.db"))
 
 

