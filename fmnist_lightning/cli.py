@@ -41,8 +41,8 @@ from fmnist_lightning.settings_io import fit_settings, from_options, resolve_set
 
 app = typer.Typer(
     name="fmnist",
-    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, tune, test, "
-    "predict-samples, compare, bench, predict, export, report.",
+    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, test, predict-samples, "
+    "compare, tune, bench, predict, export, serve, report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -313,7 +313,7 @@ def tune(
     storage: Annotated[
         Optional[str],
         typer.Option(
-            help="Optuna storage URL shared by several workers, e.g. postgresql://host/db.",
+            help="Optuna storage URL shared by several workers, e.g. postgresql+psycopg://user@host/db.",
             show_default="sqlite study.db in the study folder",
         ),
     ] = None,

@@ -493,3 +493,22 @@ def test_the_readme_shows_the_test_command_ci_runs() -> None:
     command = lines[marker + 1].strip()
     _, blocks = split_markdown(README.read_text())
     assert any(command in (line.strip() for line in block.lines) for block in blocks), command
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI's own help says what the docs say
+
+
+def test_the_top_level_help_names_every_command(cli: TyperGroup) -> None:
+    summary = cli.help or ""
+    missing = [name for name in cli.commands if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", summary)]
+    assert not missing, f"`fmnist --help`'s summary leaves out {missing}: {summary!r}"
+
+
+def test_the_storage_example_names_the_driver_the_tune_extra_installs(cli: TyperGroup) -> None:
+    """The `tune` extra installs psycopg 3, which SQLAlchemy reaches as postgresql+psycopg:// (a bare
+    postgresql:// asks for psycopg2, which is not installed)."""
+    assert "psycopg" in (ROOT / "pyproject.toml").read_text().split("tune = [", 1)[1].split("]", 1)[0]
+    storage = next(p for p in cli.commands["tune"].params if p.name == "storage")
+    help_text = getattr(storage, "help", "") or ""
+    assert "postgresql+psycopg://" in help_text and "postgresql://" not in help_text, help_text
