@@ -42,8 +42,8 @@ from fmnist_lightning.settings_io import fit_settings, from_options, resolve_set
 app = typer.Typer(
     name="fmnist",
     cls=WholeSummariesGroup,
-    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, tune, test, "
-    "predict-samples, compare, bench, predict, export, report.",
+    help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, test, predict-samples, "
+    "compare, tune, bench, predict, export, serve, report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     # Click's plain help, not Rich's panels: Rich's table gives each option five columns and, in 80
@@ -316,7 +316,7 @@ def tune(
     storage: Annotated[
         Optional[str],
         typer.Option(
-            help="Optuna storage URL shared by several workers, e.g. postgresql://host/db.",
+            help="Optuna storage URL shared by several workers, e.g. postgresql+psycopg://user@host/db.",
             show_default="sqlite study.db in the study folder",
         ),
     ] = None,

@@ -493,3 +493,190 @@ def test_the_readme_shows_the_test_command_ci_runs() -> None:
     command = lines[marker + 1].strip()
     _, blocks = split_markdown(README.read_text())
     assert any(command in (line.strip() for line in block.lines) for block in blocks), command
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI's own help says what the docs say
+
+
+def test_the_top_level_help_names_every_command(cli: TyperGroup) -> None:
+    summary = cli.help or ""
+    missing = [name for name in cli.commands if not re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", summary)]
+    assert not missing, f"`fmnist --help`'s summary leaves out {missing}: {summary!r}"
+
+
+def test_the_storage_example_names_the_driver_the_tune_extra_installs(cli: TyperGroup) -> None:
+    """The `tune` extra installs psycopg 3, which SQLAlchemy reaches as postgresql+psycopg:// (a bare
+    postgresql:// asks for psycopg2, which is not installed)."""
+    assert "psycopg" in (ROOT / "pyproject.toml").read_text().split("tune = [", 1)[1].split("]", 1)[0]
+    storage = next(p for p in cli.commands["tune"].params if p.name == "storage")
+    help_text = getattr(storage, "help", "") or ""
+    assert "postgresql+psycopg://" in help_text and "postgresql://" not in help_text, help_text
+
+
+# ---------------------------------------------------------------------------------------------
+# The figures the README quotes are those of their row in RESULTS.md
+
+RESULTS = ROOT / "docs" / "RESULTS.md"
+# A test accuracy as the docs quote it (91.34%), and a duration (5 min 4 s, 27.8 min, 150 s).
+ACCURACY = re.compile(r"(?<![\d.])(\d{2}\.\d{1,2})%")
+DURATION = re.compile(r"(?<![\d.])(?:\d+(?:\.\d+)? min(?: \d+ s)?|\d+ s)\b")
+MACHINE_ID = re.compile(r"\bM\d+\b")
+CONFIG_FILE = re.compile(r"configs/([\w-]+)\.yaml")
+CELL_SEPARATOR = re.compile(r"\|(?=(?:[^`]*`[^`]*`)*[^`]*$)")  # a `|` outside code spans
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """A row of a RESULTS.md table that has a config (or model) column and a machine column."""
+
+    config: str
+    machines: frozenset[str]
+    text: str
+
+
+def tables(doc: Path) -> list[list[dict[str, str]]]:
+    """The markdown tables in the prose of `doc`, each as its rows keyed by the header's cells."""
+    prose, _ = split_markdown(doc.read_text())
+    found: list[list[str]] = []
+    previous = None
+    for number, line in prose:
+        if line.startswith("|"):
+            if previous != number - 1:
+                found.append([])
+            found[-1].append(line)
+            previous = number
+    result = []
+    for lines in found:
+        header, *rows = ([c.strip() for c in CELL_SEPARATOR.split(line.strip().strip("|"))] for line in lines)
+        body = [row for row in rows if not all(re.fullmatch(r":?-+:?", c) for c in row)]
+        result.append([dict(zip([h.lower() for h in header], row)) for row in body])
+    return result
+
+
+def config_named(cell: str) -> str:
+    """The config a row is about: the `configs/NAME.yaml` it names, or its first word."""
+    found = CONFIG_FILE.search(cell)
+    return found.group(1) if found else re.search(r"[\w-]+", cell.replace("*", "").replace("`", "")).group(0)  # type: ignore[union-attr]
+
+
+def machine_ids() -> set[str]:
+    machines = next(t for t in tables(RESULTS) if t and "id" in t[0] and "native bf16" in t[0])
+    return {row["id"] for row in machines}
+
+
+def result_rows() -> list[ResultRow]:
+    rows = []
+    for table in tables(RESULTS):
+        for row in table:
+            first = next(iter(row))
+            if first in ("config", "model") and "machine" in row:
+                ids = frozenset(MACHINE_ID.findall(row["machine"]))
+                rows.append(ResultRow(config_named(row[first]), ids, " | ".join(row.values())))
+    return rows
+
+
+def passages(doc: Path) -> list[tuple[int, str]]:
+    """The prose of `doc` as passages that quote figures together: each table row, each list item,
+    each paragraph (a code block or a heading ends one), with the line it starts on."""
+    prose, _ = split_markdown(doc.read_text())
+    result: list[tuple[int, str]] = []
+    start, lines, previous = 0, [], 0
+    for number, line in prose:
+        text = line.strip()
+        if lines and (not text or number != previous + 1 or text.startswith(("|", "- ", "* ", "#"))):
+            result.append((start, " ".join(lines)))
+            lines = []
+        previous = number
+        if text.startswith("|"):
+            result.append((number, text))
+        elif text:
+            start = start if lines else number
+            lines.append(text)
+    if lines:
+        result.append((start, " ".join(lines)))
+    return result
+
+
+def _gives(row: ResultRow, accuracies: list[str], durations: list[str]) -> bool:
+    numbers, words = set(re.findall(r"\d+\.\d+", row.text)), " ".join(row.text.split())
+    return all(a in numbers for a in accuracies) and all(d in words for d in durations)
+
+
+def misquoted_figures(quoted: list[tuple[int, str]], rows: list[ResultRow], machines: set[str]) -> list[str]:
+    """Passages that quote a test accuracy whose figures (accuracies and durations) are not all in one
+    RESULTS row of the config and machine the passage names."""
+    problems = []
+    for line, text in quoted:
+        accuracies = ACCURACY.findall(text)
+        if not accuracies:
+            continue
+        durations = DURATION.findall(text)
+        configs, named = set(CONFIG_FILE.findall(text)), set(MACHINE_ID.findall(text))
+        if len(configs) != 1 or len(named) != 1 or not named <= machines:
+            problems.append(
+                f"README.md:{line}: quotes {accuracies} but names the configs {sorted(configs)} and the machines "
+                f"{sorted(named)} (known: {sorted(machines)}): name one configs/NAME.yaml and one machine"
+            )
+            continue
+        (config,), (machine,) = configs, named
+        candidates = [row for row in rows if row.config == config and machine in row.machines]
+        if not any(_gives(row, accuracies, durations) for row in candidates):
+            rows_text = "\n      ".join(row.text for row in candidates) or "(none)"
+            problems.append(
+                f"README.md:{line}: {config} on {machine}: {accuracies} and {durations} are not all in one of its "
+                f"RESULTS.md rows:\n      {rows_text}"
+            )
+    return problems
+
+
+def test_the_readmes_figures_are_their_rows_in_results() -> None:
+    quoted = passages(README)
+    problems = misquoted_figures(quoted, result_rows(), machine_ids())
+    assert not problems, "the README quotes figures that RESULTS.md does not give:\n" + "\n".join(problems)
+    checked = [text for _, text in quoted if ACCURACY.search(text)]
+    assert len(checked) >= 6, f"only {len(checked)} passages of the README quote a result: {checked}"
+
+
+def test_every_result_row_names_its_machine() -> None:
+    """Each row of the results tables points into the machines table (a GPU row has none yet)."""
+    machines = machine_ids()
+    assert {"M1", "M2", "M3"} <= machines, machines
+    problems = []
+    for table in tables(RESULTS):
+        if not table:
+            continue
+        columns = list(table[0])
+        if columns[0] in ("config", "model") and "machine" not in columns:
+            problems.append(f"a results table without a machine column: {columns}")
+        for row in table if "machine" in columns else []:
+            named = set(MACHINE_ID.findall(row["machine"]))
+            if not (named and named <= machines) and "unverified" not in " ".join(row.values()):
+                problems.append(f"row names no known machine: {' | '.join(row.values())}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_figure_check_catches_mistakes() -> None:
+    rows = [
+        ResultRow("improved", frozenset({"M1"}), "improved | M1 | 94.18 +- 0.15 | 25 | 27.8 min mean"),
+        ResultRow("default", frozenset({"M3"}), "default | M3 | 91.27% | 150 s for the fit; 3 min 46 s wall"),
+    ]
+    machines = {"M1", "M3"}
+    good = [
+        (1, "`configs/improved.yaml` | 94.18% (3 seeds) | 27.8 min | M1"),
+        (2, "on [M3](x), `configs/default.yaml` reached 91.27%: the fit took 150 s, 3 min 46 s in all"),
+        (3, "no accuracy here, 5 min on M1 and M3"),
+    ]
+    assert misquoted_figures(good, rows, machines) == []
+    bad = [
+        "`configs/improved.yaml` | 94.28% | 27.8 min | M1",  # another accuracy
+        "`configs/improved.yaml` | 94.18% | 25.8 min | M1",  # another duration
+        "`configs/improved.yaml` | 94.18% | 27.8 min | M3",  # another machine
+        "`configs/improved.yaml` | 94.18% | 27.8 min",  # no machine
+        "`configs/improved.yaml` | 94.18% | 27.8 min | M7",  # an unknown machine
+        "94.18% on M1",  # no config
+        "`configs/default.yaml` on M3: 91.27%, the fit 3 min 47 s",
+    ]
+    for text in bad:
+        assert misquoted_figures([(1, text)], rows, machines), text
+    assert passages(README) and all(isinstance(line, int) for line, _ in passages(README))
