@@ -41,7 +41,7 @@ from fmnist_lightning.inference import ONNX_ENGINE, missing_modules
 from fmnist_lightning.runs import provenance
 from fmnist_lightning.settings import BenchConfig, DataSettings, HardwareSettings, Precision, Settings
 from fmnist_lightning.timing import PathResult, StepTimer, epochs_for
-from fmnist_lightning.trainers import known_warnings_hidden
+from fmnist_lightning.trainer_factory import known_warnings_hidden
 from fmnist_lightning.training import build_datamodule, build_model, build_trainer
 
 T = TypeVar("T")

@@ -25,9 +25,9 @@ import typer
 from typer._click.exceptions import NoArgsIsHelpError  # Typer's own copy of Click does not export it
 
 from fmnist_lightning import __version__, render
+from fmnist_lightning.cli_options import WholeSummariesGroup, with_options
 from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
 from fmnist_lightning.hardware import close_process_group, is_global_zero
-from fmnist_lightning.options import WholeSummariesGroup, with_options
 from fmnist_lightning.runs import SAMPLE_FILES, TEST_FILES, default_out_for, newest_best_checkpoint
 from fmnist_lightning.settings import (
     BenchConfig,
@@ -36,8 +36,10 @@ from fmnist_lightning.settings import (
     ServeRun,
     ServeSettings,
     Settings,
+    fit_settings,
+    from_options,
+    resolve_settings,
 )
-from fmnist_lightning.settings_io import fit_settings, from_options, resolve_settings
 
 app = typer.Typer(
     name="fmnist",

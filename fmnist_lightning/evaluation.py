@@ -31,7 +31,7 @@ from fmnist_lightning.runs import (
 )
 from fmnist_lightning.settings import DataSettings, EvaluationRun
 from fmnist_lightning.tracking import log_run_files
-from fmnist_lightning.trainers import make_trainer
+from fmnist_lightning.trainer_factory import make_trainer
 
 MAX_SAMPLES = 100  # images per grid in predict-samples: more would not be readable (nor fit a PNG)
 

@@ -23,8 +23,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE, to_float_images
-from fmnist_lightning.errors import FmnistError, UsageError
-from fmnist_lightning.extras import extra_hint, missing_modules, require_extra
+from fmnist_lightning.errors import FmnistError, UsageError, extra_hint, missing_modules, require_extra
 from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import default_out_for

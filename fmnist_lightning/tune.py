@@ -32,8 +32,7 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
-from fmnist_lightning.extras import extra_hint, require_extra
+from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError, extra_hint, require_extra
 from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.settings import Settings
 from fmnist_lightning.space import Param, with_value

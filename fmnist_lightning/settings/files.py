@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.runs import CONFIG
-from fmnist_lightning.sections import FlatModel
-from fmnist_lightning.settings import Settings
+from fmnist_lightning.settings.models import Settings
+from fmnist_lightning.settings.sections import FlatModel
 
 PROVENANCE_KEY = "provenance"  # versions, git commit and resolved hardware, in each run's config.yaml
 Model = TypeVar("Model", bound=FlatModel)

@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import typer
 from typer.core import TyperGroup
 
-from fmnist_lightning.sections import FlatField, FlatModel
-from fmnist_lightning.settings_io import option_name
+from fmnist_lightning.settings import FlatField, FlatModel, option_name
 
 if TYPE_CHECKING:
     from typer._click import Context, HelpFormatter  # Typer's own copy of Click, which TyperGroup extends
