@@ -9,6 +9,7 @@ black while product photos show them on white.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 import warnings
@@ -213,6 +214,15 @@ def classify(
         else:
             problems.append(outcome)
     return predictions, problems
+
+
+def predictions_json(predictions: Sequence[Prediction]) -> str:
+    """What `fmnist predict --json` prints: each file with its top 3 classes and their probabilities."""
+    listed = [
+        {"file": str(p.path), "top3": [{"class": c, "probability": round(v, 6)} for c, v in p.top(3)]}
+        for p in predictions
+    ]
+    return json.dumps(listed, indent=2)
 
 
 # ---------------------------------------------------------------------------------------------

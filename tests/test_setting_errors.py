@@ -201,7 +201,7 @@ def refuse_to_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     def accepted() -> None:
         raise AssertionError("the settings were accepted")
 
-    monkeypatch.setattr("fmnist_lightning.cli.quiet_lightning", accepted)
+    monkeypatch.setattr("fmnist_lightning.cli_options.quiet_lightning", accepted)
     monkeypatch.chdir(tmp_path)
     return ["--ckpt", str(tmp_path / "not-there.ckpt")]
 
