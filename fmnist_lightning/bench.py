@@ -21,6 +21,7 @@ high-water mark after each path (later paths can only report the same or more).
 from __future__ import annotations
 
 import gc
+import json
 import platform
 import statistics
 import tempfile
@@ -38,10 +39,10 @@ from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.evaluation import evaluation_engine
 from fmnist_lightning.hardware import Hardware, cpu_name, cpu_supports_bf16, resolve_hardware
 from fmnist_lightning.inference import ONNX_ENGINE, missing_modules
-from fmnist_lightning.runs import provenance
+from fmnist_lightning.runs import check_output_dir, provenance
 from fmnist_lightning.settings import BenchConfig, DataSettings, HardwareSettings, Precision, Settings
 from fmnist_lightning.timing import PathResult, StepTimer, epochs_for
-from fmnist_lightning.trainers import known_warnings_hidden
+from fmnist_lightning.trainer_factory import known_warnings_hidden
 from fmnist_lightning.training import build_datamodule, build_model, build_trainer
 
 T = TypeVar("T")
@@ -225,10 +226,15 @@ class BenchResult:
         }
 
 
-def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None) -> BenchResult:
+def run_benchmark(
+    cfg: BenchConfig, on_path: Callable[[str], None] | None = None, json_path: Path | None = None
+) -> BenchResult:
     """Run the chosen paths, each in each precision, `cfg.repeats` times; return everything
     measured, with versions and machine: per-round results, means +- std per path, and ratios
-    within each round (between paths, and between precisions of a path)."""
+    within each round (between paths, and between precisions of a path). With `json_path`, also
+    write it there (`BenchResult.to_json`; the folder is checked before the first path runs)."""
+    if json_path is not None:
+        check_output_dir(json_path.parent)
     hws: dict[str, Hardware] = {
         p: bench_hardware(cfg, p) for p in cfg.precision
     }  # UsageError: a GPU asked for, none visible
@@ -255,7 +261,7 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
                 gc.collect()
             rounds.append(measured)
     per_round_ratios = [_ratios(m, cfg.precision) for m in rounds]
-    return BenchResult(
+    result = BenchResult(
         config=cfg,
         device=device.type,
         precisions={p: hw.precision_described for p, hw in hws.items()},
@@ -266,6 +272,10 @@ def run_benchmark(cfg: BenchConfig, on_path: Callable[[str], None] | None = None
         ratios=[Ratio(name, [r[name] for r in per_round_ratios]) for name in per_round_ratios[0]],
         rounds=rounds,
     )
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return result
 
 
 def _bench_path(

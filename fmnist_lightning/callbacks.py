@@ -19,8 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from fmnist_lightning.errors import NonFiniteLoss, TrainingInterrupted
 from fmnist_lightning.hardware import gather_objects, peak_rss_mb, synchronize, torchrun_agent
 from fmnist_lightning.runs import METRIC_COLUMNS, provenance, read_metrics
-from fmnist_lightning.settings import Settings
-from fmnist_lightning.settings_io import save_yaml
+from fmnist_lightning.settings import Settings, save_yaml
 
 
 def _sync(pl_module: L.LightningModule) -> None:

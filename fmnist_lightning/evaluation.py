@@ -31,7 +31,7 @@ from fmnist_lightning.runs import (
 )
 from fmnist_lightning.settings import DataSettings, EvaluationRun
 from fmnist_lightning.tracking import log_run_files
-from fmnist_lightning.trainers import make_trainer
+from fmnist_lightning.trainer_factory import make_trainer
 
 MAX_SAMPLES = 100  # images per grid in predict-samples: more would not be readable (nor fit a PNG)
 
@@ -204,7 +204,9 @@ def predict_samples(ckpt: Path, s: EvaluationRun, num: int, out: Path) -> dict[s
 
 def run_test(ckpt: Path, s: EvaluationRun, out: Path) -> tuple[TestResults, dict[str, Any] | None]:
     """What `fmnist test` does: evaluate, then (on rank 0) write report.json, predictions.csv and the
-    confusion matrix to `out`. Returns the results and the report (None on other ranks)."""
+    confusion matrix to `out`. Returns the results and the report (None on other ranks). An `out`
+    that could not be written fails before the evaluation."""
+    check_output_dir(out)
     results = evaluate(ckpt, s)
     if not results.is_global_zero:
         return results, None

@@ -32,7 +32,7 @@ from fmnist_lightning.runs import (
     best_row,
     read_metrics,
 )
-from fmnist_lightning.settings_io import read_config
+from fmnist_lightning.settings import read_config
 
 # What the page shows of `fmnist test`'s outputs (not predictions.csv).
 TEST_INPUTS = (TEST_REPORT, CONFUSION_MATRIX)

@@ -9,6 +9,7 @@ black while product photos show them on white.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import tempfile
 import warnings
@@ -23,8 +24,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmnist_lightning.checkpoints import load_classifier
 from fmnist_lightning.data import CLASS_NAMES, IMAGE_SIZE, to_float_images
-from fmnist_lightning.errors import FmnistError, UsageError
-from fmnist_lightning.extras import extra_hint, missing_modules, require_extra
+from fmnist_lightning.errors import FmnistError, UsageError, extra_hint, missing_modules, require_extra
 from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import default_out_for
@@ -214,6 +214,15 @@ def classify(
         else:
             problems.append(outcome)
     return predictions, problems
+
+
+def predictions_json(predictions: Sequence[Prediction]) -> str:
+    """What `fmnist predict --json` prints: each file with its top 3 classes and their probabilities."""
+    listed = [
+        {"file": str(p.path), "top3": [{"class": c, "probability": round(v, 6)} for c, v in p.top(3)]}
+        for p in predictions
+    ]
+    return json.dumps(listed, indent=2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,9 +20,8 @@ from fmnist_lightning.callbacks import SeedRanks
 from fmnist_lightning.errors import FmnistError, UsageError
 from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.runs import check_output_dir
-from fmnist_lightning.settings import Settings
-from fmnist_lightning.settings_io import option_name
-from fmnist_lightning.trainers import known_warnings_hidden, loop_options, make_trainer
+from fmnist_lightning.settings import Settings, option_name
+from fmnist_lightning.trainer_factory import known_warnings_hidden, loop_options, make_trainer
 from fmnist_lightning.training import build_datamodule, build_model
 
 LR_FIND_PLOT = "lr_find.png"

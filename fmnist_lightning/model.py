@@ -26,8 +26,7 @@ from torchmetrics.classification import (
 from fmnist_lightning.data import NUM_CLASSES, Batch
 from fmnist_lightning.hardware import gather_objects
 from fmnist_lightning.networks import build_network
-from fmnist_lightning.sections import arguments_for
-from fmnist_lightning.settings import ModelSettings, OptimisationSettings
+from fmnist_lightning.settings import ModelSettings, OptimisationSettings, arguments_for
 
 CHECKPOINT_FORMAT = 2  # bumped when a checkpoint written by this package changes incompatibly
 
@@ -135,7 +134,7 @@ class FashionClassifier(L.LightningModule):
     """Softmax cross-entropy on one-hot targets; running sums for training and validation, and
     torchmetrics' full classification report once over the test set.
 
-    Every argument is required: the defaults live in `settings.py` only, and a checkpoint's
+    Every argument is required: the defaults live in `settings/models.py` only, and a checkpoint's
     hyperparameters hold them all.
     """
 
@@ -221,7 +220,7 @@ class FashionClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         # torchmetrics sums both states over the DDP ranks in compute(): every rank then holds the
         # metrics of all validation images, and logs the same value. So no `sync_dist` (which
-        # would average identical numbers); training.py silences Lightning's reminder about it.
+        # would average identical numbers); trainer_factory.py silences Lightning's reminder about it.
         accuracy, f1_macro = accuracy_and_macro_f1(self.val_confusion.compute())
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
         self.log("val/acc", accuracy, prog_bar=True)

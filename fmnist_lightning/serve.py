@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fmnist_lightning.extras import require_extra
+from fmnist_lightning.errors import require_extra
 from fmnist_lightning.settings import ServeRun
 
 if TYPE_CHECKING:

@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist_lightning.errors import UsageError
-from fmnist_lightning.sections import number_from_text
-from fmnist_lightning.settings import Settings
-from fmnist_lightning.settings_io import validated
+from fmnist_lightning.settings import Settings, number_from_text, validated
 
 RANGE_KEYS = ("low", "high", "log")
 SCALARS = (bool, int, float, str, type(None))  # what Optuna can store as a categorical choice

@@ -24,8 +24,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from fmnist_lightning.errors import FmnistError, UsageError
-from fmnist_lightning.extras import extra_hint, require_extra
+from fmnist_lightning.errors import FmnistError, UsageError, extra_hint, require_extra
 from fmnist_lightning.hardware import is_global_zero
 from fmnist_lightning.runs import MLFLOW_RUN, TENSORBOARD_DIR
 from fmnist_lightning.settings import TrackingSettings

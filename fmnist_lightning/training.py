@@ -53,10 +53,9 @@ from fmnist_lightning.runs import (
     remove_unstarted,
     run_lock,
 )
-from fmnist_lightning.settings import Settings, ToolkitSettings
-from fmnist_lightning.settings_io import load_yaml, read_config
+from fmnist_lightning.settings import Settings, ToolkitSettings, load_yaml, read_config
 from fmnist_lightning.tracking import build_loggers, log_run_files
-from fmnist_lightning.trainers import known_warnings_hidden, loop_options, make_trainer
+from fmnist_lightning.trainer_factory import known_warnings_hidden, loop_options, make_trainer
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,10 @@ from typing import Any
 
 from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError
-from fmnist_lightning.extras import extra_hint, require_extra
+from fmnist_lightning.errors import FmnistError, TrainingInterrupted, UsageError, extra_hint, require_extra
 from fmnist_lightning.hardware import resolve_hardware
 from fmnist_lightning.settings import Settings
-from fmnist_lightning.space import Param, with_value
+from fmnist_lightning.space import Param, load_space, with_value
 from fmnist_lightning.tracking import log_parent_results, parent_run
 from fmnist_lightning.training import FitResult, run_fit
 
@@ -103,10 +102,6 @@ class PruneOnValAcc(Callback):
         if self.trial.should_prune():
             self.pruned_after = trainer.current_epoch + 1
             trainer.should_stop = True
-
-
-def require_optuna() -> None:
-    require_extra("tune", ("optuna",), "fmnist tune")
 
 
 def check_single_process(base: Settings) -> None:
@@ -230,18 +225,20 @@ def _record(trial: Any, result: FitResult) -> None:
 
 def run_tune(
     base: Settings,
-    space: tuple[Param, ...],
+    space_file: Path,
     trials: int,
-    study_dir: Path,
+    study_dir: Path | None = None,
     timeout: float | None = None,
     storage: str | None = None,
     study_name: str | None = None,
 ) -> TuneResult:
-    """Run trials until the study holds `trials` (or `timeout` seconds pass), then summarise it.
-
-    Raises TrainingInterrupted after the summary when Ctrl-C stopped a trial (recorded as pruned)."""
-    require_optuna()
+    """Read the search space (checked against `base`), run trials until the study holds `trials` (or
+    `timeout` seconds pass) in `study_dir` (default runs/tune-SPACE), then summarise it. Raises
+    TrainingInterrupted after the summary when Ctrl-C stopped a trial (recorded as pruned)."""
+    space = load_space(space_file, base)
+    require_extra("tune", ("optuna",), "fmnist tune")
     check_single_process(base)
+    study_dir = study_dir or Path("runs") / f"tune-{space_file.stem}"
     import optuna
 
     study_dir.mkdir(parents=True, exist_ok=True)

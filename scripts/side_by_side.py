@@ -39,7 +39,7 @@ from typing import Any
 
 from fmnist_lightning.hardware import auto_precision, cpu_bf16_flag, cpu_name
 from fmnist_lightning.runs import CONFIG, METRICS, TEST_REPORT, read_metrics
-from fmnist_lightning.settings_io import read_config
+from fmnist_lightning.settings import read_config
 
 ROOT = Path(__file__).resolve().parent.parent
 KERAS_PRECISION = {"32-true": "float32", "bf16-mixed": "mixed_bfloat16"}

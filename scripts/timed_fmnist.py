@@ -3,8 +3,8 @@ the steps: what scripts/side_by_side.py measures `fmnist fit` and `fmnist test` 
 
     python scripts/timed_fmnist.py --timing timing.json --skip-steps 10 fit --max-epochs 3 --out runs/x
 
-Every Trainer of the tool comes from `trainers.make_trainer`; this script wraps that function before
-the CLI imports the modules that call it, so the command runs unchanged apart from the callback.
+Every Trainer of the tool comes from `trainer_factory.make_trainer`; this script wraps that function
+before the CLI imports the modules that call it, so the command runs unchanged apart from the callback.
 When the command ends, --timing gets, per training epoch, its steady-state steps (from the start of
 step skip + 1 to the end of the epoch's last step: validation comes after and is left out, as in
 scripts/keras_anchor.py), and per test pass its images and seconds (from its first batch to its
@@ -23,7 +23,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning import trainers
+from fmnist_lightning import trainer_factory
 from fmnist_lightning.hardware import synchronize
 
 
@@ -87,13 +87,13 @@ class Timings(Callback):
 
 def timed_trainers(timings: Timings) -> None:
     """From now on every Trainer the tool builds carries `timings` too."""
-    make_trainer = trainers.make_trainer
+    make_trainer = trainer_factory.make_trainer
 
     def with_timings(*args: Any, **options: Any) -> L.Trainer:
         options["callbacks"] = [*options.get("callbacks", []), timings]
         return make_trainer(*args, **options)
 
-    trainers.make_trainer = with_timings
+    trainer_factory.make_trainer = with_timings
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from typing import IO, Any
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from fmnist_lightning.extras import extra_hint
+from fmnist_lightning.errors import extra_hint
 from fmnist_lightning.settings import Settings
 
 
@@ -105,7 +105,7 @@ def need_program(name: str, package: str) -> str:
 
 def without_module(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """As if the optional package `name` were not installed: importing it fails, and so does
-    importlib.util.find_spec, the project's check for an extra (extras.py)."""
+    importlib.util.find_spec, the project's check for an extra (errors.py)."""
     monkeypatch.setitem(sys.modules, name, None)
 
 

@@ -61,7 +61,7 @@ def test_config_file_then_options(real_data: None, cli, tmp_path: Path) -> None:
 
 
 def test_shipped_configs_are_valid() -> None:
-    from fmnist_lightning.settings_io import resolve_settings
+    from fmnist_lightning.settings import resolve_settings
 
     configs = sorted(Path("configs").glob("*.yaml"))
     assert {"default.yaml", "tutorial.yaml", "tutorial-dropout.yaml"} <= {p.name for p in configs}

@@ -32,7 +32,7 @@ def test_resnet_of_the_strong_config_learns_and_round_trips(datamodule, tmp_path
     """A few optimiser steps of configs/strong.yaml's network on one small real batch lower its
     loss, and its checkpoint rebuilds the same network with the same outputs."""
     from fmnist_lightning.checkpoints import load_classifier
-    from fmnist_lightning.settings_io import resolve_settings
+    from fmnist_lightning.settings import resolve_settings
     from tests.helpers import classifier
 
     strong = resolve_settings(Path("configs/strong.yaml"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fmnist_lightning.settings_io import read_config
+from fmnist_lightning.settings import read_config
 from tests.helpers import ended_output, epoch_metrics, pause_env, subprocess_env, wait_for_pause
 
 # None of these is a default: each must come back from config.yaml for the metrics to match.

@@ -23,9 +23,16 @@ from pydantic import ValidationError
 from pydantic.fields import FieldInfo
 
 from fmnist_lightning.errors import UsageError
-from fmnist_lightning.sections import Sectioned, comma_list, number_from_text
-from fmnist_lightning.settings import BenchConfig, EvaluationRun, ServeRun, Settings
-from fmnist_lightning.settings_io import validated
+from fmnist_lightning.settings import (
+    BenchConfig,
+    EvaluationRun,
+    Sectioned,
+    ServeRun,
+    Settings,
+    comma_list,
+    number_from_text,
+    validated,
+)
 
 # Each model, and the command whose options are made from it.
 COMMANDS: dict[type[Sectioned], str] = {Settings: "fit", EvaluationRun: "test", ServeRun: "serve", BenchConfig: "bench"}
@@ -194,7 +201,7 @@ def refuse_to_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[str]:
     def accepted() -> None:
         raise AssertionError("the settings were accepted")
 
-    monkeypatch.setattr("fmnist_lightning.cli.quiet_lightning", accepted)
+    monkeypatch.setattr("fmnist_lightning.cli_options.quiet_lightning", accepted)
     monkeypatch.chdir(tmp_path)
     return ["--ckpt", str(tmp_path / "not-there.ckpt")]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fmnist_lightning.errors import FmnistError
-from fmnist_lightning.settings_io import resolve_settings
+from fmnist_lightning.settings import resolve_settings
 from tests.helpers import TINY_CPU, free_port, need, subprocess_env, wait_until, without_module
 
 TWO_EPOCHS = [*TINY_CPU, "--max-epochs", "2"]

@@ -21,8 +21,7 @@ import pytest
 import yaml
 
 from fmnist_lightning.errors import UsageError
-from fmnist_lightning.settings import Settings
-from fmnist_lightning.settings_io import resolve_settings
+from fmnist_lightning.settings import Settings, resolve_settings
 from fmnist_lightning.space import Param, load_space
 from tests.helpers import (
     ROOT,

@@ -21,8 +21,7 @@ import lightning as L
 
 from fmnist_lightning.checkpoints import AtomicCheckpointIO
 from fmnist_lightning.hardware import Hardware
-from fmnist_lightning.sections import arguments_for
-from fmnist_lightning.settings import RunSettings, ToolkitSettings
+from fmnist_lightning.settings import RunSettings, ToolkitSettings, arguments_for
 
 # Lightning warnings that do not apply to how this package uses it (regular expressions):
 KNOWN_WARNINGS = (

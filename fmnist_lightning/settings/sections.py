@@ -1,4 +1,4 @@
-"""Settings models with flat names: the machinery behind `settings.py`.
+"""Settings models with flat names: the machinery behind `models.py`.
 
 A `FlatModel`'s field names are the names users see: YAML keys and `--options`. A `Sectioned` model
 is composed of `Section`s (small strict pydantic models) instead: it is built from one flat mapping
@@ -78,8 +78,8 @@ class FlatField:
 
 class FlatModel(StrictModel):
     """Settings whose field names are the names users see (YAML keys, `--options`): what
-    `options.py` makes options of and `settings_io.py` validates. Its fields are plain (`BenchConfig`);
-    `Sectioned` groups them in sections."""
+    `cli_options.py` makes options of and `settings/files.py` validates. Its fields are plain
+    (`BenchConfig`); `Sectioned` groups them in sections."""
 
     @classmethod
     def sections(cls) -> dict[str, type[Section]]:

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.runs import CONFIG
-from fmnist_lightning.sections import FlatModel
-from fmnist_lightning.settings import Settings
+from fmnist_lightning.settings.models import Settings
+from fmnist_lightning.settings.sections import FlatModel
 
 PROVENANCE_KEY = "provenance"  # versions, git commit and resolved hardware, in each run's config.yaml
 Model = TypeVar("Model", bound=FlatModel)
@@ -136,11 +136,17 @@ def resolve_settings(config: Path | None = None, overrides: Mapping[str, Any] | 
     return validated(Settings, values, sources)
 
 
-def fit_settings(config: Path | None, overrides: Mapping[str, Any], out: Path | None, resume: bool) -> Settings:
-    """Settings for `fit`: on --resume the run's own config.yaml is the base, unless --config is given."""
+def fit_settings(
+    config: Path | None, overrides: Mapping[str, Any], out: Path | None, resume: bool, test: bool = False
+) -> Settings:
+    """Settings for `fit`: on --resume the run's own config.yaml is the base, unless --config is given;
+    `test` (fit --test) asks for a test after training, which --fast-dev-run has no checkpoint for."""
     if resume and config is None and out is not None and (out / CONFIG).is_file():
         config = out / CONFIG
-    return resolve_settings(config, overrides)
+    settings = resolve_settings(config, overrides)
+    if test and settings.run.fast_dev_run:
+        raise UsageError("--fast-dev-run already tests one batch and keeps no checkpoint; drop --test")
+    return settings
 
 
 def save_yaml(settings: FlatModel, path: Path, provenance: Mapping[str, Any] | None = None) -> None:

@@ -4,7 +4,7 @@ Settings flow one way: CLI options and YAML keys -> `Settings` -> the library. E
 its type, its constraints and its help text; the CLI builds its options from these fields, so a
 new setting is one line here and appears everywhere (YAML, CLI, `config.yaml` of every run), and
 is validated in one place. Defaults live here only: the library classes take the values they are
-given. `settings_io.py` layers the defaults, a YAML file and the options given, and words the errors.
+given. `files.py` layers the defaults, a YAML file and the options given, and words the errors.
 
 The fields are grouped in sections (`ModelSettings`, `OptimisationSettings`, `DataSettings`, ...),
 and each consumer takes only the sections it reads: the data module the data and augmentation
@@ -19,7 +19,7 @@ Validation is strict (a YAML `max_epochs: "5"` or `dropout: 1` is refused, not g
 one exception: numbers written as text, because YAML 1.1 reads `1e-3` (no dot) as a string and the
 CLI passes `--limit-*` as text ("10" is a count of batches, "0.5" a fraction, as in Lightning).
 A validator raises a PydanticCustomError worded as pydantic words its own rules ("Input should be
-..."): the error a user reads is the key, pydantic's message and the value (settings_io.py).
+..."): the error a user reads is the key, pydantic's message and the value (files.py).
 
 This module imports neither torch nor lightning: `fmnist --help` must stay fast.
 """
@@ -31,7 +31,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from fmnist_lightning.sections import FlatModel, Number, Section, Sectioned, comma_list, number_from_text
+from fmnist_lightning.settings.sections import FlatModel, Number, Section, Sectioned, comma_list, number_from_text
 
 MAX_SEED = 2**32 - 1
 
