@@ -10,10 +10,9 @@ run trials until the study holds `trials` of them, then write the study folder's
     STUDY/history.png, importances.png, slice.png   Optuna's matplotlib plots
 
 Sampling is TPE seeded from --seed and the trial number, pruning a median pruner on each epoch's
-val/acc. Several processes (or machines) can work on one study: give them the same --storage
-(an RDB URL such as postgresql+psycopg://...) and --study-name. `--trials N` is the size of the study, not
-of one process: every worker stops once N trials are finished or running, so a rerun of the same
-command continues an interrupted study up to N.
+val/acc. Several processes (or machines) can work on one study: give them the same --storage (an RDB
+URL such as postgresql+psycopg://...) and --study-name. `--trials N` is the size of the study, not of
+one process: every worker stops once N trials are finished or running, so a rerun continues it up to N.
 """
 
 from __future__ import annotations
