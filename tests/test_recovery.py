@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -162,6 +163,32 @@ def test_a_torchrun_launch_whose_restarts_would_fail_is_warned(
                         progress=False)  # fmt: skip
     run_fit(settings, out=tmp_path / "run")
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+
+
+def test_a_run_resumed_from_the_checkpoint_of_an_epochs_end_counts_the_next_epoch_alone(
+    real_data: None, tmp_path: Path
+) -> None:
+    """last.ckpt saved at the end of epoch 1 holds that epoch's running train metrics (Lightning
+    computes them after the save). Resumed from it, epoch 2 must start them from zero: it used to
+    add epoch 2 onto epoch 1's sums, so its train loss and accuracy were those of both epochs
+    (the kill at step 31 in test_torchrun_restarts_the_group_and_it_resumes_by_itself found it)."""
+    from lightning.pytorch.callbacks import Callback
+
+    from fmnist_lightning.training import run_fit
+    from tests.helpers import tiny_settings
+
+    class DieInEpoch2(Callback):  # before epoch 2's first step: the last save was epoch 1's end
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            if trainer.current_epoch == 1:
+                raise RuntimeError("killed")
+
+    settings = tiny_settings(deterministic=True, seed=3)  # two epochs of 30 steps, last.ckpt at each end
+    run_fit(settings, out=tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="killed"):
+        run_fit(settings, out=tmp_path / "run", extra_callbacks=[DieInEpoch2()])
+    assert saved_step(tmp_path / "run") == 30
+    run_fit(settings, out=tmp_path / "run", resume=True)
+    assert epoch_metrics(tmp_path / "run") == epoch_metrics(tmp_path / "whole")
 
 
 def test_a_process_its_torchrun_agent_started_again_resumes_with_a_restart_count_of_0(
