@@ -68,6 +68,14 @@ def torchrun_agent() -> str | None:
     return f"{socket.gethostname()}:{agent}:{started}"
 
 
+def torchrun_world() -> tuple[int, int] | None:
+    """(processes per node, processes in all) that torchrun started for this job; None outside it."""
+    env = os.environ
+    if not all(name in env for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE")):
+        return None
+    return int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
+
+
 def gather_objects(value: Any) -> list[Any]:
     """`value` from every rank, in rank order (just `[value]` without a process group)."""
     import torch.distributed as dist
@@ -215,8 +223,18 @@ def resolve_hardware(
     if accelerator == "auto":
         accelerator = "gpu" if visible else "cpu"
     accelerator = "gpu" if accelerator == "cuda" else accelerator
-    count = (max(visible, 1) if accelerator == "gpu" else 1) if isinstance(wanted, str) else wanted
+    # `auto` under torchrun: one device per process it started on this node (each process would
+    # otherwise train alone, all of them into one run folder).
+    launched = torchrun_world()
+    auto = launched[0] if launched else (max(visible, 1) if accelerator == "gpu" else 1)
+    count = auto if isinstance(wanted, str) else wanted
     n = len(count) if isinstance(count, list) else count
+    if launched and n * num_nodes != launched[1]:
+        per_node, total = launched
+        raise UsageError(
+            f"torchrun started {total} processes ({per_node} per node), but --devices {n} --num-nodes {num_nodes} "
+            f"make {n * num_nodes}; give --devices {per_node} --num-nodes {total // per_node}"
+        )
     if accelerator == "gpu":
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(visible))
         if visible == 0:
