@@ -165,6 +165,28 @@ def test_a_torchrun_launch_whose_restarts_would_fail_is_warned(
     assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
 
 
+def test_a_run_restarted_before_its_first_checkpoint_starts_again(
+    real_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Killed before anything was saved, the job's restart finds a run folder with no checkpoint:
+    it starts the run again instead of refusing the folder (which ended the job, exit 2)."""
+    from fmnist_lightning.settings import Settings
+    from fmnist_lightning.training import run_fit
+
+    run = tmp_path / "run"
+    settings = Settings(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, offline=True,
+                        progress=False)  # fmt: skip
+    run_fit(settings, out=run)
+    for checkpoint in (run / "checkpoints").iterdir():  # as if killed before the first save
+        checkpoint.unlink()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    caplog.set_level(logging.INFO, logger="fmnist_lightning")
+    run_fit(settings, out=run)
+    assert "restart 1 of this job: no checkpoint yet, starting again" in caplog.text
+    assert [row["epoch"] for row in epoch_metrics(run)] == [1.0]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
 def test_a_run_resumed_from_the_checkpoint_of_an_epochs_end_counts_the_next_epoch_alone(
     real_data: None, tmp_path: Path
 ) -> None:
