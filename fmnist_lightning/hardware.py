@@ -87,25 +87,6 @@ def gather_objects(value: Any) -> list[Any]:
     return gathered
 
 
-def torchrun_restart_warning() -> str | None:
-    """Why this torchrun job's restarts could fail, and the fix; None when they can work.
-
-    Since torch 2.5 torchrun's c10d rendezvous shares its TCP store with the workers and keeps it
-    across restarts, with no per-restart prefix (the static rendezvous has kept one store all
-    along). A restarted group then finds the previous group's process-group keys in it, and its
-    processes connect to addresses of processes that are gone ("Connection refused") or wait on
-    barriers that are already counted (pytorch/pytorch#135712, #167288). With
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each restart gets a fresh store."""
-    env = os.environ
-    if int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) == 0 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    return (
-        "torchrun --max-restarts: its restarted processes may fail to connect, because they share the "
-        "previous group's rendezvous store; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and "
-        "--rdzv-backend c10d (see docs/scaling.md, 'When a process dies')"
-    )
-
-
 @dataclass(frozen=True)
 class Hardware:
     accelerator: str

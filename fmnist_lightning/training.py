@@ -33,7 +33,6 @@ from fmnist_lightning.hardware import (
     is_global_zero,
     launcher_restarts,
     torchrun_agent,
-    torchrun_restart_warning,
 )
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import (
@@ -207,8 +206,6 @@ def run_fit(
             return _train(s, hw, Path(tmp), None, extra_callbacks)
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
-    if is_global_zero() and (warning := torchrun_restart_warning()):
-        log.warning(warning)
     with claimed_run_dir(out) as run_dir:
         # A job its launcher restarted (torchrun --max-restarts, a requeued SLURM job) continues
         # from the run's newest checkpoint by itself: nobody is there to type --resume. Killed
