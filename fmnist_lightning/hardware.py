@@ -68,6 +68,14 @@ def torchrun_agent() -> str | None:
     return f"{socket.gethostname()}:{agent}:{started}"
 
 
+def torchrun_world() -> tuple[int, int] | None:
+    """(processes per node, processes in all) that torchrun started for this job; None outside it."""
+    env = os.environ
+    if not all(name in env for name in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE")):
+        return None
+    return int(env["LOCAL_WORLD_SIZE"]), int(env["WORLD_SIZE"])
+
+
 def gather_objects(value: Any) -> list[Any]:
     """`value` from every rank, in rank order (just `[value]` without a process group)."""
     import torch.distributed as dist
@@ -77,25 +85,6 @@ def gather_objects(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
-
-
-def torchrun_restart_warning() -> str | None:
-    """Why this torchrun job's restarts could fail, and the fix; None when they can work.
-
-    Since torch 2.5 torchrun's c10d rendezvous shares its TCP store with the workers and keeps it
-    across restarts, with no per-restart prefix (the static rendezvous has kept one store all
-    along). A restarted group then finds the previous group's process-group keys in it, and its
-    processes connect to addresses of processes that are gone ("Connection refused") or wait on
-    barriers that are already counted (pytorch/pytorch#135712, #167288). With
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each restart gets a fresh store."""
-    env = os.environ
-    if int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) == 0 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
-        return None
-    return (
-        "torchrun --max-restarts: its restarted processes may fail to connect, because they share the "
-        "previous group's rendezvous store; launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and "
-        "--rdzv-backend c10d (see docs/scaling.md, 'When a process dies')"
-    )
 
 
 @dataclass(frozen=True)
@@ -208,8 +197,18 @@ def resolve_hardware(h: HardwareSettings) -> Hardware:
     if accelerator == "auto":
         accelerator = "gpu" if visible else "cpu"
     accelerator = "gpu" if accelerator == "cuda" else accelerator
-    count = (max(visible, 1) if accelerator == "gpu" else 1) if isinstance(wanted, str) else wanted
+    # `auto` under torchrun: one device per process it started on this node (each process would
+    # otherwise train alone, all of them into one run folder).
+    launched = torchrun_world()
+    auto = launched[0] if launched else (max(visible, 1) if accelerator == "gpu" else 1)
+    count = auto if isinstance(wanted, str) else wanted
     n = len(count) if isinstance(count, list) else count
+    if launched and n * h.num_nodes != launched[1]:
+        per_node, total = launched
+        raise UsageError(
+            f"torchrun started {total} processes ({per_node} per node), but --devices {n} --num-nodes {h.num_nodes} "
+            f"make {n * h.num_nodes}; give --devices {per_node} --num-nodes {total // per_node}"
+        )
     if accelerator == "gpu":
         names = ", ".join(torch.cuda.get_device_name(i) for i in range(visible))
         if visible == 0:

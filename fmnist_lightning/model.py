@@ -210,6 +210,11 @@ class FashionClassifier(L.LightningModule):
         return loss
 
     def on_train_epoch_start(self) -> None:
+        # Lightning calls this at each new epoch, not when it resumes one cut short. A last.ckpt
+        # saved at an epoch's end (validation runs before Lightning computes and resets the train
+        # metrics) holds that finished epoch's sums: resumed from it, the next epoch starts at zero.
+        self.train_loss.reset()
+        self.train_acc.reset()
         self._train_metrics_logged = False
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:

@@ -2,7 +2,9 @@
 from `make_trainer`, so the arguments they share are written once.
 
 What every Trainer here shares, and why:
-- the resolved hardware (`Hardware.trainer_kwargs`);
+- the resolved hardware (`Hardware.trainer_kwargs`); under torchrun's shared store its DDP builds
+  the process group under its generation's own prefix (`GenerationDDPStrategy`), so a restarted
+  group connects;
 - `use_distributed_sampler=False`: the data module shards its own tensor batches over the ranks;
 - `AtomicCheckpointIO`: a checkpoint file is either whole or absent, never half-written;
 - no model summary, no sanity validation (fit validates at its first epoch end anyway), no logger
@@ -18,8 +20,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, Strategy
+from torch.distributed.constants import default_pg_timeout
 
 from fmnist_lightning.checkpoints import AtomicCheckpointIO
+from fmnist_lightning.elastic import init_generation_group, shares_agent_store
 from fmnist_lightning.hardware import Hardware
 from fmnist_lightning.settings import RunSettings, ToolkitSettings, arguments_for
 
@@ -48,6 +54,24 @@ def known_warnings_hidden() -> Iterator[None]:
         yield
 
 
+class GenerationDDPStrategy(DDPStrategy):
+    """Lightning's DDP, with its process group built in torchrun's shared store under a prefix of
+    this generation of processes alone (elastic.py says why)."""
+
+    def setup_distributed(self) -> None:
+        if not dist.is_initialized():
+            self.set_world_ranks()
+            device = self.root_device if self.root_device.type != "cpu" else None  # as Lightning passes it
+            backend, timeout = self._get_process_group_backend(), self._timeout or default_pg_timeout
+            init_generation_group(backend, self.global_rank, self.world_size, timeout, device)
+        super().setup_distributed()  # Lightning's own setup, which keeps a process group that exists
+
+
+def trainer_strategy(strategy: str) -> str | Strategy:
+    """What the Trainer gets for `strategy`: DDP under torchrun's shared store is GenerationDDPStrategy."""
+    return GenerationDDPStrategy() if strategy == "ddp" and shares_agent_store() else strategy
+
+
 def make_trainer(hw: Hardware, *, progress: bool = False, **options: Any) -> L.Trainer:
     """A Trainer on `hw` with this package's shared arguments; `options` add to or override them."""
     shared: dict[str, Any] = {
@@ -58,8 +82,10 @@ def make_trainer(hw: Hardware, *, progress: bool = False, **options: Any) -> L.T
         "use_distributed_sampler": False,  # our batches are sharded by the data module itself
         "enable_progress_bar": progress,
     }
+    hardware = hw.trainer_kwargs()
+    hardware["strategy"] = trainer_strategy(hardware["strategy"])
     with known_warnings_hidden():
-        return L.Trainer(**hw.trainer_kwargs(), **{**shared, **options})
+        return L.Trainer(**hardware, **{**shared, **options})
 
 
 def loop_options(run: RunSettings, toolkit: ToolkitSettings) -> dict[str, Any]:

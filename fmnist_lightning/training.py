@@ -33,7 +33,6 @@ from fmnist_lightning.hardware import (
     launcher_restarts,
     resolve_hardware,
     torchrun_agent,
-    torchrun_restart_warning,
 )
 from fmnist_lightning.model import FashionClassifier
 from fmnist_lightning.runs import (
@@ -206,16 +205,18 @@ def run_fit(
             return _train(s, hw, Path(tmp), None, extra_callbacks)
     if resume and out is None:
         raise UsageError("--resume needs --out RUN_DIR: the run folder to continue")
-    if is_global_zero() and (warning := torchrun_restart_warning()):
-        log.warning(warning)
     with claimed_run_dir(out) as run_dir:
         # A job its launcher restarted (torchrun --max-restarts, a requeued SLURM job) continues
-        # from the run's newest checkpoint by itself: nobody is there to type --resume.
-        restored = newest_checkpoint(run_dir) if restarted_by_launcher(run_dir) and not overwrite else None
-        if restored is not None and is_global_zero():
+        # from the run's newest checkpoint by itself: nobody is there to type --resume. Killed
+        # before its first checkpoint, it starts the run again (its files hold nothing to continue).
+        restarted = restarted_by_launcher(run_dir) and not overwrite
+        restored = newest_checkpoint(run_dir) if restarted else None
+        if restarted and is_global_zero():
             count = launcher_restarts()
             restart = f"restart {count} of this job" if count else "this job's torchrun agent started it again"
-            log.info("%s: resuming from %s", restart, restored)
+            what = f"resuming from {restored}" if restored else "no checkpoint yet, starting again"
+            log.info("%s: %s", restart, what)
+        overwrite = overwrite or (restarted and restored is None and not resume)
         resume = resume or restored is not None
         last = restored or run_dir / LAST_CHECKPOINT
         if not is_global_zero():  # rank 0 checked and prepared the folder

@@ -110,3 +110,16 @@ def test_hardware_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         resolve(accelerator="cpu", precision="16-mixed")
     with pytest.raises(ValueError, match="a count >= 1"):  # refused by the settings already
         resolve(devices="0")
+
+    # Under torchrun `auto` means the processes it started on this node, and the world must match it.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert (resolve(accelerator="cpu").devices, resolve(accelerator="cpu").strategy) == (2, "ddp")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # two nodes
+    assert resolve(accelerator="cpu", num_nodes=2).devices == 2
+    with pytest.raises(UsageError, match=r"torchrun started 4 processes \(2 per node\), but --devices 2 --num-nodes 1 "
+                       r"make 2; give --devices 2 --num-nodes 2"):  # fmt: skip
+        resolve(accelerator="cpu")
+    with pytest.raises(UsageError, match="but --devices 1 --num-nodes 2 make 2; give --devices 2 --num-nodes 2"):
+        resolve(accelerator="cpu", devices="1", num_nodes=2)

@@ -4,13 +4,17 @@ count, and `fmnist fit` then resumes from the run's newest checkpoint with no --
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -72,38 +76,81 @@ def _workers(agent: int) -> dict[int, int]:
     return workers
 
 
+KILL_SEED = "FMNIST_KILL_SEED"  # set it to repeat a failed run's kill step
+SAVES = (*range(4, 61, 4), 30)  # FIT's last.ckpt steps: every 4 optimiser steps and each epoch's end (30 a epoch)
+RESTART_TIMEOUT_S = 300  # the rest of the run takes about a minute here; a hung restart fails at this limit
+
+
+def _torchrun(agents: int, index: int, endpoint: str) -> list[str]:
+    """The plain launch with one restart: torchrun --standalone with one agent; with two, each agent
+    acts as a node of its own (the c10d rendezvous on 127.0.0.1, the first agent hosting it)."""
+    if agents == 1:
+        return ["torchrun", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
+    host = f"is_host={int(index == 0)}"
+    return ["torchrun", "--nnodes", "2", "--nproc-per-node", "1", "--max-restarts", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", endpoint, "--rdzv-id", "restart", "--rdzv-conf", host]  # fmt: skip
+
+
+def _stop(agents: list[subprocess.Popen[bytes]]) -> None:
+    """Kill what is left of a launch: torchrun starts each worker in a session of its own, so
+    killing an agent's process group leaves its workers running."""
+    for agent in agents:
+        if agent.poll() is None:
+            for pid in _workers(agent.pid).values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os.killpg(agent.pid, signal.SIGKILL)
+            agent.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(real_data: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """FIT on two processes (Lightning's own launcher), never interrupted: what a restarted run must equal."""
+    whole = tmp_path_factory.mktemp("whole") / "run"
+    args = [sys.executable, *FIT, "--devices", "2", "--strategy", "ddp", "--out", str(whole)]
+    done = subprocess.run(args, cwd=whole.parent, env=launcher_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return whole
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("agents", [1, 2], ids=["one-agent-two-processes", "two-agents-as-two-nodes"])
-def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, tmp_path: Path, agents: int) -> None:
-    """docs/scaling.md, 'When a process dies': torchrun --max-restarts 1 with the c10d rendezvous, two
-    processes, under one agent or under two agents acting as two nodes. The last agent's worker
-    (rank 1 under one agent) is killed with SIGKILL inside epoch 2; the agents stop the survivor and
-    start the group again; it resumes from last.ckpt with no --resume, and the run ends with exactly
-    the metrics of an uninterrupted two-process run.
+def test_torchrun_restarts_the_group_and_it_resumes_by_itself(
+    real_data: None, tmp_path: Path, agents: int, uninterrupted_run: Path
+) -> None:
+    """docs/scaling.md, 'When a process dies': the plain torchrun launch with --max-restarts 1 (the
+    agents' shared store, torch's default; `fit` with no --devices, --strategy or store settings),
+    two processes under one agent or under two agents acting as two nodes. Every process pauses at
+    a step drawn at random; the last agent's worker is killed there with SIGKILL; the agents start
+    the group again, it connects (elastic.py: before, it failed or hung in init_process_group on
+    the previous group's keys), resumes from last.ckpt with no --resume (or starts again, killed
+    before the first save), and the run ends with exactly the metrics of an uninterrupted
+    two-process run.
 
-    With two agents, the one whose worker died counts a restart; the other may restart its
-    worker for the re-rendezvous without counting one (a race): then the run's record of the agents
-    makes it resume all the same (training.restarted_by_launcher).
-
-    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each restart a fresh store (see
-    hardware.torchrun_restart_warning): without it the restarted group fails to connect."""
+    With two agents, the one whose worker died counts a restart; the other may restart its worker
+    for the re-rendezvous without counting one (a race): then the run's record of the agents makes
+    it resume all the same (training.restarted_by_launcher)."""
+    seed = int(os.environ.get(KILL_SEED) or random.SystemRandom().randrange(10**6))
+    step = random.Random(seed).randint(1, 59)  # any step of the two epochs but the last
+    kill = f"killed at step {step} ({KILL_SEED}={seed} repeats it)"
     run = tmp_path / "run"
-    per_agent = 2 // agents
-    fit = [*FIT[3:], "--devices", str(per_agent), "--num-nodes", str(agents), "--strategy", "ddp", "--out", str(run)]
+    nodes = ["--num-nodes", "2"] if agents == 2 else []  # devices: by default, the processes torchrun started per node
+    fit = [*FIT[3:], *nodes, "--out", str(run)]
     endpoint = f"127.0.0.1:{free_port()}"
-    pause = tmp_path / "pause"  # both workers pause inside epoch 2 (steps 31-60), after the save at 36
-    env = launcher_env(TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1", **pause_env(pause, 38))
+    pause = tmp_path / "pause"
+    env = launcher_env(**pause_env(pause, step))
     logs = [tmp_path / f"agent{i}.log" for i in range(agents)]
-    procs = []
+
+    def output() -> str:
+        return f"{kill}\n" + "\n".join(f"--- {log.name}:\n{log.read_text()[-4000:]}" for log in logs)
+
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         for i, log in enumerate(logs):
-            torchrun = ["torchrun", "--nnodes", str(agents), "--nproc-per-node", str(per_agent), "--max-restarts",
-                        "1", "--monitor-interval", "0.2", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint,
-                        "--rdzv-id", "restart", "--rdzv-conf", f"is_host={int(i == 0)}"]  # fmt: skip
             with log.open("w") as out:
                 procs.append(
                     subprocess.Popen(
-                        [*torchrun, "-m", "fmnist_lightning", "fit", *fit],
+                        [*_torchrun(agents, i, endpoint), "-m", "fmnist_lightning", "fit", *fit],
                         cwd=tmp_path,
                         env=env,
                         stdout=out,
@@ -111,57 +158,80 @@ def test_torchrun_restarts_the_group_and_it_resumes_by_itself(real_data: None, t
                         start_new_session=True,
                     )  # fmt: skip
                 )
-
-        def output() -> str:
-            return "\n".join(f"--- {log.name}:\n{log.read_text()[-4000:]}" for log in logs)
-
         wait_for_pause(pause, 2, lambda: all(p.poll() is None for p in procs), output)
         workers = _workers(procs[-1].pid)
         victim = workers.get(1) if agents == 1 else next(iter(workers.values()), None)
-        assert victim is not None, f"no worker to kill under the last torchrun agent: {workers}"
+        assert victim is not None, f"no worker to kill under the last torchrun agent: {workers}\n{output()}"
         os.kill(victim, signal.SIGKILL)
+        assert saved_step(run) == max((s for s in SAVES if s < step), default=-1), output()
         (pause / "go").touch()  # the survivor goes on, and finds its peer gone
-        assert saved_step(run) == 36
+        killed = time.monotonic()
         for p in procs:
-            p.wait(timeout=600)
+            try:
+                p.wait(timeout=max(1.0, killed + RESTART_TIMEOUT_S - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the restarted group hung: not done {RESTART_TIMEOUT_S} s after the kill\n{output()}")
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        _stop(procs)
+    print(f"{kill}: agents exited {[p.returncode for p in procs]}, {time.monotonic() - killed:.0f} s after the kill")
     assert [p.returncode for p in procs] == [0] * agents, output()
     assert "failed (exitcode: -9)" in logs[-1].read_text(), output()  # the agent saw its worker die
     text = "".join(log.read_text() for log in logs)
-    assert "resuming from" in text and "last.ckpt" in text, output()
     assert "restart 1 of this job" in text or "torchrun agent started it again" in text, output()
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" not in text  # this launch needs no warning
+    assert ("resuming from" in text and "last.ckpt" in text) or step <= SAVES[0], output()
     recorded = yaml.safe_load((run / "config.yaml").read_text())["provenance"]["torchrun_agents"]
     assert sorted(int(agent.split(":")[1]) for agent in recorded) == sorted(p.pid for p in procs)
     assert all(agent.startswith(f"{socket.gethostname()}:") for agent in recorded)
-
-    whole = tmp_path / "whole"
-    args = [sys.executable, *FIT, "--devices", "2", "--strategy", "ddp", "--out", str(whole)]
-    done = subprocess.run(args, cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert [row["epoch"] for row in epoch_metrics(run)] == [1.0, 2.0]
-    assert epoch_metrics(run) == epoch_metrics(whole)
+    assert [row["epoch"] for row in epoch_metrics(run)] == [1.0, 2.0], output()
+    assert epoch_metrics(run) == epoch_metrics(uninterrupted_run), output()
 
 
-def test_a_torchrun_launch_whose_restarts_would_fail_is_warned(
+def test_a_run_restarted_before_its_first_checkpoint_starts_again(
     real_data: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from fmnist_lightning.hardware import torchrun_restart_warning
+    """Killed before anything was saved, the job's restart finds a run folder with no checkpoint:
+    it starts the run again instead of refusing the folder (which ended the job, exit 2)."""
     from fmnist_lightning.settings import Settings
     from fmnist_lightning.training import run_fit
 
-    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")  # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-    assert torchrun_restart_warning() is None
-    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")  # the shared store (torch's default)
+    run = tmp_path / "run"
     settings = Settings(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, offline=True,
                         progress=False)  # fmt: skip
-    run_fit(settings, out=tmp_path / "run")
-    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text
+    run_fit(settings, out=run)
+    for checkpoint in (run / "checkpoints").iterdir():  # as if killed before the first save
+        checkpoint.unlink()
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    caplog.set_level(logging.INFO, logger="fmnist_lightning")
+    run_fit(settings, out=run)
+    assert "restart 1 of this job: no checkpoint yet, starting again" in caplog.text
+    assert [row["epoch"] for row in epoch_metrics(run)] == [1.0]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_run_resumed_from_the_checkpoint_of_an_epochs_end_counts_the_next_epoch_alone(
+    real_data: None, tmp_path: Path
+) -> None:
+    """last.ckpt saved at the end of epoch 1 holds that epoch's running train metrics (Lightning
+    computes them after the save). Resumed from it, epoch 2 must start them from zero: it used to
+    add epoch 2 onto epoch 1's sums, so its train loss and accuracy were those of both epochs
+    (the kill at step 31 in test_torchrun_restarts_the_group_and_it_resumes_by_itself found it)."""
+    from lightning.pytorch.callbacks import Callback
+
+    from fmnist_lightning.training import run_fit
+    from tests.helpers import tiny_settings
+
+    class DieInEpoch2(Callback):  # before epoch 2's first step: the last save was epoch 1's end
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            if trainer.current_epoch == 1:
+                raise RuntimeError("killed")
+
+    settings = tiny_settings(deterministic=True, seed=3)  # two epochs of 30 steps, last.ckpt at each end
+    run_fit(settings, out=tmp_path / "whole")
+    with pytest.raises(RuntimeError, match="killed"):
+        run_fit(settings, out=tmp_path / "run", extra_callbacks=[DieInEpoch2()])
+    assert saved_step(tmp_path / "run") == 30
+    run_fit(settings, out=tmp_path / "run", resume=True)
+    assert epoch_metrics(tmp_path / "run") == epoch_metrics(tmp_path / "whole")
 
 
 def test_a_process_its_torchrun_agent_started_again_resumes_with_a_restart_count_of_0(
