@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from fmnist_lightning.data import FashionMNISTDataModule, to_float_images
 from fmnist_lightning.hardware import Hardware, synchronize
 from fmnist_lightning.model import build_optimizer
-from fmnist_lightning.networks import ConvNet
-from fmnist_lightning.settings import BenchConfig
+from fmnist_lightning.networks import build_network
+from fmnist_lightning.settings import BenchConfig, ModelSettings
 from fmnist_lightning.sources import FILES, locate, read_verified
 from fmnist_lightning.timing import PathResult, StepTimer, epochs_for, measured_result, total_steps
 
@@ -34,12 +34,19 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
+def fit_network() -> torch.nn.Module:
+    """The network a bare `fmnist fit` trains (the tutorial CNN with its default dropout): every
+    path of the benchmark trains this one."""
+    m = ModelSettings()
+    return build_network(m.network, m.dropout, m.dropout_conv, m.dropout_dense)
+
+
 def bench_raw(cfg: BenchConfig, dm: FashionMNISTDataModule, hw: Hardware, device: torch.device) -> PathResult:
     """The floor: a plain loop, whole splits as float tensors on the device, no framework."""
     torch.manual_seed(cfg.seed)
     images, labels = (t.to(device) for t in dm.split("train"))
     x_all = to_float_images(images)
-    net = ConvNet().to(device)
+    net = fit_network().to(device)
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     net = net.to(memory_format=memory_format)
     if cfg.compile:
@@ -93,7 +100,7 @@ class TypicalModule(L.LightningModule):
 
     def __init__(self, channels_last: bool) -> None:
         super().__init__()
-        self.net = ConvNet()
+        self.net = fit_network()
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net = self.net.to(memory_format=self.memory_format)
 

@@ -96,12 +96,12 @@ def entries(cfg: BenchConfig, hws: Mapping[str, Hardware]) -> list[Entry]:
 def bench_fmnist(
     cfg: BenchConfig, hw: Hardware, workdir: Path, overrides: dict[str, Any] | None = None, name: str = "fmnist"
 ) -> PathResult:
-    """The project's own path, built by the same functions `fmnist fit` and `fmnist test` use: the
-    tutorial CNN without dropout, on the data already here."""
+    """The path `fmnist fit` and `fmnist test` run, built by the functions they use: fit's
+    settings (the tutorial CNN with dropout, its layout, batcher and precision), with the
+    benchmark's, on the data already here."""
     batches, epochs = epochs_for(cfg)
     s = Settings.model_validate(
         {
-            "dropout": False,
             "channels_last": cfg.channels_last,
             "compile": cfg.compile,
             "batch_size": cfg.batch_size,

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 
 from fmnist_lightning.errors import NonFiniteLoss, TrainingInterrupted
-from fmnist_lightning.hardware import gather_objects, peak_rss_mb, synchronize, torchrun_agent
+from fmnist_lightning.hardware import cpu_name, gather_objects, peak_rss_mb, synchronize, torchrun_agent
 from fmnist_lightning.runs import METRIC_COLUMNS, provenance, read_metrics
 from fmnist_lightning.settings import Settings, save_yaml
 
@@ -121,6 +121,7 @@ def run_environment(trainer: L.Trainer) -> dict[str, Any]:
     """How this run was really executed: resolved hardware and how the processes were launched."""
     environment = getattr(trainer.strategy, "cluster_environment", None)  # only parallel strategies have one
     return {
+        "cpu": cpu_name(),  # `fmnist results` names it beside the run's times
         "accelerator": type(trainer.accelerator).__name__,
         "resolved_precision": str(trainer.precision),
         "world_size": trainer.world_size,

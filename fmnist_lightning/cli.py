@@ -11,6 +11,7 @@ torch and lightning are imported inside the commands, after the settings are val
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -38,6 +39,7 @@ from fmnist_lightning.settings import (
     BenchConfig,
     DataSettings,
     EvaluationRun,
+    ResultsSettings,
     ServeRun,
     ServeSettings,
     Settings,
@@ -48,7 +50,7 @@ app = typer.Typer(
     name="fmnist",
     cls=WholeSummariesGroup,
     help="Fashion-MNIST CNN experiments with PyTorch Lightning: data, fit, lr-find, test, predict-samples, "
-    "compare, tune, bench, predict, export, serve, report.",
+    "compare, tune, bench, predict, export, serve, report, results.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     # Click's plain help, not Rich's panels: Rich's table gives each option five columns and, in 80
@@ -342,6 +344,29 @@ def report(
         render.samples(update.samples, 9, [run_dir / name for name in SAMPLE_FILES])
     if update.page is not None:
         render.wrote(update.page)
+
+
+@app.command()
+@command(ResultsSettings)
+def results(
+    settings: ResultsSettings,
+    run_dirs: Annotated[
+        list[Path], Argument(metavar="RUN_DIR...", help="Run folders, e.g. runs/repro/*.", show_default=False)
+    ],
+    json_path: Annotated[Path | None, Option("--json", help="Also write the rows to this JSON file.")] = None,
+) -> None:
+    """Time to accuracy from run folders, without retraining: one row per recipe, its seeds pooled.
+
+    Test accuracy (mean +- std, from report.json), epochs, training minutes, and the minutes until
+    validation accuracy first reached each --targets.
+    """
+    from fmnist_lightning.results import results as read_results
+
+    recipes = read_results(run_dirs, settings.targets)
+    render.results(recipes, settings.targets)
+    if json_path:
+        json_path.write_text(json.dumps([r.to_json() for r in recipes], indent=2) + "\n")
+        render.wrote(json_path)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from fmnist_lightning.bench import BenchResult
+    from fmnist_lightning.results import RecipeRow
 
 console = Console()
 err_console = Console(stderr=True)
@@ -60,9 +61,10 @@ def fit_summary(result: Any) -> None:
     table = Table(title=f"Run {result.run_dir}", show_header=False)
     table.add_row("best epoch", f"{result.best_epoch} of {result.epochs}")
     if result.stopped_early_after is not None:
-        table.add_row(
-            "stopped early", f"after epoch {result.stopped_early_after}: the monitored metric stopped improving"
-        )
+        table.add_row("stopped early", f"after epoch {result.stopped_early_after}: {result.stop_reason}")
+    if result.target_reached is not None:
+        epoch, seconds = result.target_reached
+        table.add_row("target val accuracy", f"reached at epoch {epoch}, after {seconds / 60:.2f} training minutes")
     table.add_row("best val accuracy", f"{result.best_val_acc:.4f}")
     table.add_row("best checkpoint", str(result.best_checkpoint))
     table.add_row("precision", result.precision)
@@ -128,6 +130,39 @@ def compare(rows: Sequence[Mapping[str, Any]]) -> None:
             f"{row['gap']:+.4f}",
         )
     console.print(table)
+
+
+def results(recipes: Sequence[RecipeRow], targets: Sequence[float]) -> None:
+    """Time-to-accuracy rows: one per recipe, its seeds pooled; where each ran below the table."""
+    reach = "/".join(f"{100 * t:g}" for t in targets)
+    table = Table(title="Time to accuracy")
+    for column in ("recipe", "runs", "test %", "best val %", "epochs", "minutes", f"minutes to val\n{reach}%"):
+        table.add_column(column, justify="right", no_wrap=column != "recipe", overflow="fold")
+    for recipe in recipes:
+        stats = recipe.test_mean_std()
+        tested = f"{100 * stats[0]:.2f} +- {100 * stats[1]:.2f}" if stats else "not tested"
+        if stats and any(r.tta for r in recipe.runs):
+            tested += " TTA"
+        if stats and len(recipe.tested) < len(recipe.runs):
+            tested += f" ({len(recipe.tested)} tested)"
+        reached = (recipe.minutes_to(t) for t in targets)
+        table.add_row(
+            escape(recipe.name),
+            str(len(recipe.runs)),
+            tested,
+            f"{100 * recipe.mean('best_val_acc'):.2f}",
+            recipe.distinct("epochs"),
+            f"{recipe.mean('train_minutes'):.1f}",
+            "/".join(f"{m:.1f}" if m is not None else "-" for m in reached),
+        )
+    console.print(table)
+    console.print(
+        "Means over the runs. Minutes: training only (the sum of metrics.csv's train_time_s), until validation "
+        "accuracy first reached the target ('-': not every run did)."
+    )
+    for recipe in recipes:
+        where = f"{recipe.distinct('precision')}; {recipe.distinct('cpu')}; commit {recipe.distinct('commit')}"
+        console.print(f"{escape(recipe.name)}: {escape(where)}")
 
 
 def bench(result: BenchResult) -> None:

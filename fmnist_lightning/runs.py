@@ -231,6 +231,17 @@ def best_row(rows: list[dict[str, float]]) -> dict[str, float]:
     return max(validated, key=lambda row: row["val/acc"], default={})
 
 
+def time_to_val_acc(rows: list[dict[str, float]], target: float) -> tuple[int, float] | None:
+    """(epoch, training seconds) of the first epoch whose validation accuracy reached `target`:
+    the sum of `train_time_s` up to it, validation excluded, as metrics.csv counts it."""
+    seconds = 0.0
+    for row in rows:
+        seconds += row.get("train_time_s", 0.0)
+        if row.get("val/acc", -1.0) >= target:
+            return int(row["epoch"]), seconds
+    return None
+
+
 @functools.cache
 def provenance() -> dict[str, Any]:
     """Versions and git commit, recorded in each run's config.yaml and checkpoints."""

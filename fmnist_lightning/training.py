@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
 from fmnist_lightning.callbacks import (
     EpochMetricsCSV,
@@ -51,12 +52,14 @@ from fmnist_lightning.runs import (
     remove_run_files,
     remove_unstarted,
     run_lock,
+    time_to_val_acc,
 )
 from fmnist_lightning.settings import Settings, ToolkitSettings, load_yaml, read_config
 from fmnist_lightning.tracking import build_loggers, log_run_files
 from fmnist_lightning.trainer_factory import known_warnings_hidden, loop_options, make_trainer
 
 log = logging.getLogger(__name__)
+NO_PATIENCE_LIMIT = 2**31  # an EarlyStopping that stops at its threshold only
 
 
 def build_datamodule(s: Settings) -> FashionMNISTDataModule:
@@ -94,8 +97,29 @@ def training_callbacks(t: ToolkitSettings, run_dir: Path) -> list[Callback]:
         callbacks.append(EMAWeightAveraging(decay=t.ema_decay))
     elif t.weight_averaging == "swa":
         callbacks.append(StochasticWeightAverage(t.swa_start))
-    if t.early_stopping_patience:
-        callbacks.append(
+    callbacks += early_stopping(t)
+    callbacks.append(FiniteLossGuard(run_dir / LAST_CHECKPOINT))
+    return callbacks
+
+
+def early_stopping(t: ToolkitSettings) -> list[Callback]:
+    """Lightning's EarlyStopping for --early-stopping-patience, and for --stop-at-val-acc (its
+    `stopping_threshold`). Both on val/acc share one callback: Lightning keys a callback's saved
+    state by monitor and mode, so two alike could not both be in a checkpoint."""
+    shared = t.stop_at_val_acc > 0 and t.early_stopping_patience > 0 and t.early_stopping_monitor == "val/acc"
+    stoppers: list[Callback] = []
+    if t.stop_at_val_acc:
+        stoppers.append(
+            EarlyStopping(
+                monitor="val/acc",
+                mode="max",
+                stopping_threshold=t.stop_at_val_acc,
+                patience=t.early_stopping_patience if shared else NO_PATIENCE_LIMIT,
+                min_delta=t.early_stopping_min_delta,
+            )
+        )
+    if t.early_stopping_patience and not shared:
+        stoppers.append(
             EarlyStopping(
                 monitor=t.early_stopping_monitor,
                 mode="max" if t.early_stopping_monitor == "val/acc" else "min",
@@ -103,8 +127,7 @@ def training_callbacks(t: ToolkitSettings, run_dir: Path) -> list[Callback]:
                 min_delta=t.early_stopping_min_delta,
             )
         )
-    callbacks.append(FiniteLossGuard(run_dir / LAST_CHECKPOINT))
-    return callbacks
+    return stoppers
 
 
 def build_trainer(
@@ -181,6 +204,8 @@ class FitResult:
     gpu_peak_mb: float | None
     is_global_zero: bool
     stopped_early_after: int | None = None  # epochs, when early stopping ended the run
+    stop_reason: str = ""  # why it stopped early
+    target_reached: tuple[int, float] | None = None  # --stop-at-val-acc's (epoch, training seconds) to it
     profiles: tuple[Path, ...] = ()  # the profiler's reports
     fast_dev_run: bool = False  # a smoke test: nothing was kept
     history: list[dict[str, float]] = field(default_factory=list)  # metrics.csv's rows (rank 0)
@@ -290,6 +315,7 @@ def _train(
             "(0.5) or a smaller count"
         ) from None
     wall = time.perf_counter() - start
+    stopped_after, stop_reason = _early_stop(trainer)
     rows = next(c for c in trainer.callbacks if isinstance(c, EpochMetricsCSV)).rows  # type: ignore[attr-defined]
     best = best_row(rows)
     speeds = [r["images_per_s"] for r in rows if "images_per_s" in r]
@@ -311,17 +337,27 @@ def _train(
         peak_rss_mb=max((r.get("peak_rss_mb", 0.0) for r in rows), default=float("nan")),
         gpu_peak_mb=max(gpu) if gpu else None,
         is_global_zero=trainer.is_global_zero,
-        stopped_early_after=_stopped_early_after(trainer),
+        stopped_early_after=stopped_after,
+        stop_reason=stop_reason,
+        target_reached=time_to_val_acc(rows, s.toolkit.stop_at_val_acc) if s.toolkit.stop_at_val_acc else None,
         profiles=profile_reports(run_dir),
         fast_dev_run=s.run.fast_dev_run,
         history=rows,
     )
 
 
-def _stopped_early_after(trainer: L.Trainer) -> int | None:
-    """Epochs trained when early stopping ended the run before --max-epochs, else None.
-    (EarlyStopping's own `stopped_epoch` is 0 both when it never stopped and when it stopped in
-    the first epoch.)"""
-    stopper = trainer.early_stopping_callback
-    stopped = stopper is not None and stopper.wait_count >= stopper.patience
-    return trainer.current_epoch if stopped and trainer.current_epoch < (trainer.max_epochs or 0) else None
+def _early_stop(trainer: L.Trainer) -> tuple[int | None, str]:
+    """(epochs trained, why) when an EarlyStopping ended the run before --max-epochs, else (None, "")."""
+    for stopper in trainer.callbacks:  # type: ignore[attr-defined]
+        if not isinstance(stopper, EarlyStopping) or stopper.stopping_reason == EarlyStoppingReason.NOT_STOPPED:
+            continue
+        if trainer.current_epoch >= (trainer.max_epochs or 0):
+            break
+        if stopper.stopping_reason == EarlyStoppingReason.STOPPING_THRESHOLD:
+            why = f"{stopper.monitor} reached {stopper.stopping_threshold:g} (--stop-at-val-acc)"
+        elif stopper.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+            why = "the monitored metric stopped improving"
+        else:
+            why = stopper.stopping_reason_message or str(stopper.stopping_reason.value)
+        return trainer.current_epoch, why
+    return None, ""

@@ -21,7 +21,7 @@ for option in "${fit_options[@]}"; do [[ "$option" == "--offline" ]] && test_opt
 name="$(basename "$config" .yaml)"
 fmnist="${FMNIST:-fmnist}"  # PYTHON (below) should be the interpreter of that fmnist's environment
 
-finished() {  # the run folder's metrics.csv reaches its config.yaml's max_epochs
+finished() {  # the run reached its config.yaml's max_epochs, or its --stop-at-val-acc target
   [[ -f "$1/metrics.csv" && -f "$1/config.yaml" ]] || return 1
   "${PYTHON:-python3}" - "$1" <<'PY'
 import csv, sys
@@ -30,8 +30,12 @@ from pathlib import Path
 import yaml
 
 run = Path(sys.argv[1])
-epochs = [float(row["epoch"]) for row in csv.DictReader((run / "metrics.csv").open())]
-sys.exit(0 if epochs and max(epochs) >= yaml.safe_load((run / "config.yaml").read_text())["max_epochs"] else 1)
+rows = list(csv.DictReader((run / "metrics.csv").open()))
+config = yaml.safe_load((run / "config.yaml").read_text())
+target = config.get("stop_at_val_acc") or 0
+done = rows and max(float(row["epoch"]) for row in rows) >= config["max_epochs"]
+reached = target and any(row["val/acc"] and float(row["val/acc"]) >= target for row in rows)
+sys.exit(0 if done or reached else 1)
 PY
 }
 

@@ -130,11 +130,11 @@ def test_settings_are_frozen_values_with_one_set_of_defaults() -> None:
 
 
 def test_settings_are_sections_with_flat_unique_names() -> None:
-    """51 settings in sections; each name belongs to one section and is no section's name, so flat
+    """52 settings in sections; each name belongs to one section and is no section's name, so flat
     YAML keys and options sort into sections unambiguously."""
     sections = Settings.sections()
     names = [name for section in sections.values() for name in section.model_fields]
-    assert len(names) == len(set(names)) == 51
+    assert len(names) == len(set(names)) == 52
     assert not set(names) & set(sections)
     assert list(Settings.flat_fields()) == names and all(issubclass(s, Section) for s in sections.values())
     # Evaluating a checkpoint validates only what it reads: its sections are the training run's own.
@@ -184,12 +184,13 @@ def test_each_consumer_takes_only_its_sections() -> None:
 
 
 def test_bench_config_is_flat_with_its_own_defaults() -> None:
-    """The benchmark's few settings are its own plain fields, not a training run's sections: a path
-    runs in PyTorch's plain layout from seed 0 by default, and `precision` is a list (each path in each)."""
+    """The benchmark's few settings are its own plain fields, not a training run's sections; those it
+    shares with `fit` (layout, evaluation batch) default to fit's, every path starts from seed 0, and
+    `precision` is a list (each path in each)."""
     assert BenchConfig.sections() == {} and all(f.section is None for f in BenchConfig.flat_fields().values())
     assert BenchConfig(precision="32-true,bf16-mixed").precision == ("32-true", "bf16-mixed")
     b = BenchConfig(accelerator="cpu", batch_size=64)
-    assert (b.accelerator, b.batch_size, b.channels_last, b.eval_batch_size, b.seed) == ("cpu", 64, False, 1000, 0)
+    assert (b.accelerator, b.batch_size, b.channels_last, b.eval_batch_size, b.seed) == ("cpu", 64, True, 250, 0)
     with pytest.raises(TypeError, match="steps must be sections"):  # the two kinds of model do not mix
 
         class Mixed(Sectioned):

@@ -78,10 +78,14 @@ def test_cpu_dropout_keeps_1_minus_p_scales_the_kept_and_is_identity_in_eval(p: 
     assert drop(x.detach().contiguous(memory_format=torch.channels_last)).is_contiguous(
         memory_format=torch.channels_last
     )
-    # Under bf16 autocast the values are bf16; the mask is still drawn in float32 (bf16 uniforms
+    # Under bf16 autocast the values are bf16; the mask keeps 1 - p as finely (bf16 uniforms would
     # lie on a 1/256 grid, which would keep 0.698 instead of 0.7 at p=0.3).
     kept_bf16 = drop(x.detach().bfloat16()) != 0
     assert float(kept_bf16.float().mean()) == pytest.approx(1 - p, abs=0.001)
+    # Four values come from each 64-bit draw, whose top bit is always 0: every one of the four
+    # positions must keep 1 - p too (the highest would keep only half as often if the sign counted).
+    for lane in range(4):
+        assert float(kept.flatten()[lane::4].float().mean()) == pytest.approx(1 - p, abs=0.003)
     drop.eval()
     assert drop(x) is x
 

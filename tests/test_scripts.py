@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fmnist_lightning.runs import read_metrics
 from tests.helpers import need
 
 SCRIPTS = Path(__file__).parent.parent / "scripts"
@@ -106,12 +107,14 @@ def test_validation_tta_reports_plain_and_flip_accuracy_on_the_validation_split(
 @pytest.mark.slow
 def test_reproduce_trains_each_seed_once_and_tests_with_the_test_options(real_data: None, tmp_path: Path) -> None:
     """`scripts/reproduce.sh CONFIG N [fit options] -- [test options]`: fit options go to fit, the
-    ones after `--` to test; a second call only tests again (the finished runs are kept)."""
+    ones after `--` to test; a second call only tests again (the finished runs are kept, those
+    that stopped at their --stop-at-val-acc target too)."""
     from tests.helpers import subprocess_env
 
     config = str(SCRIPTS.parent / "configs" / "default.yaml")
-    args = ["bash", str(SCRIPTS / "reproduce.sh"), config, "2", "--offline", "--max-epochs", "1",
-            "--limit-train-batches", "3", "--limit-val-batches", "1", "--", "--tta"]  # fmt: skip
+    # Two epochs asked for; the first reaches 10% validation accuracy, where the runs stop.
+    args = ["bash", str(SCRIPTS / "reproduce.sh"), config, "2", "--offline", "--max-epochs", "2", "--stop-at-val-acc",
+            "0.1", "--limit-train-batches", "3", "--limit-val-batches", "1", "--", "--tta"]  # fmt: skip
     env = subprocess_env(PYTHON=sys.executable, FMNIST=f"{sys.executable} -m fmnist_lightning")
     first = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -123,4 +126,19 @@ def test_reproduce_trains_each_seed_once_and_tests_with_the_test_options(real_da
     again = subprocess.run(args[:-2], capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [(run / "checkpoints" / "best.ckpt").stat().st_mtime_ns for run in runs] == trained  # not retrained
+    assert [len(read_metrics(run / "metrics.csv")) for run in runs] == [1, 1]  # stopped at the target, kept
     assert not any(json.loads((run / "report.json").read_text())["tta"] for run in runs)  # tested again, plain
+
+
+def test_step_profile_splits_a_fit_step_into_its_parts(real_data: None, tmp_path: Path) -> None:
+    """scripts/step_profile.py: the real fit step's time, and the hand-written step's phases, which
+    with Lightning's share add up to it."""
+    out = tmp_path / "profile.json"
+    args = [sys.executable, str(SCRIPTS / "step_profile.py"), "--rounds", "2", "--steps", "3", "--warmup", "1"]
+    done = subprocess.run([*args, "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    parts = result["parts_ms"]
+    assert set(parts) == {"batcher", "forward", "backward", "optimizer", "lightning (fit minus the phases)"}
+    assert all(r["fit_ms"] == pytest.approx(sum(r["phases_ms"].values()) + r["lightning_ms"]) for r in result["rounds"])
+    assert result["fit_ms_per_step"] > 0 and result["operators"]["top"] and "fit:" in done.stdout

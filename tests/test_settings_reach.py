@@ -85,6 +85,7 @@ PROBES: dict[str, Any] = {
     "early_stopping_patience": 3,
     "early_stopping_monitor": "val/loss",
     "early_stopping_min_delta": 0.01,
+    "stop_at_val_acc": 0.9,
     "gradient_clip_val": 1.0,
     "gradient_clip_algorithm": "value",
     "accumulate_grad_batches": 2,

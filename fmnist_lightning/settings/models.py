@@ -219,6 +219,14 @@ class ToolkitSettings(Section):
     early_stopping_min_delta: Annotated[float, Number] = Field(
         0.0, ge=0, allow_inf_nan=False, description="Smallest change of the monitored metric that counts as better."
     )
+    stop_at_val_acc: Annotated[float, Number] = Field(
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Stop once validation accuracy reaches this, e.g. 0.94 (0: off); the summary gives the "
+        "training time to it.",
+    )
     gradient_clip_val: Annotated[float, Number] = Field(
         0.0, ge=0, allow_inf_nan=False, description="Clip gradients at this value (0: off)."
     )
@@ -334,20 +342,25 @@ TRAIN_IMAGES = 55000  # the training split: what one epoch of `bench --epochs` m
 
 
 class BenchConfig(FlatModel):
-    """What `fmnist bench` measures: the same network (the tutorial CNN without dropout) and batch
-    size along several paths, in one process on one device, from the data already on this machine.
+    """What `fmnist bench` measures: the network a bare `fmnist fit` trains (the tutorial CNN with
+    its dropout) along several paths, in one process on one device, from the data already on this
+    machine.
 
-    Its few settings are its own: a path runs in PyTorch's plain memory layout by default (the
-    baseline every path shares; `--channels-last` measures the layout `fit` uses), every path starts
-    from seed 0, and `precision` is a list (each path in each). `bench.py` builds the training run's
-    settings of the `fmnist` paths from them.
+    Its few settings are its own; those it shares with `fit` (layout, batch sizes, compile) default
+    to fit's, so the `fmnist` path is what `fmnist fit` runs. Every path starts from seed 0, and
+    `precision` is a list (each path in each). `bench.py` builds the training run's settings of
+    the `fmnist` paths from them.
     """
 
     accelerator: Accelerator = Field("auto", description="Lightning accelerator (one device).")
-    channels_last: bool = Field(False, description="channels_last memory layout in every path (`fit`'s default).")
+    channels_last: bool = Field(
+        ModelSettings.model_fields["channels_last"].default, description="channels_last memory layout in every path."
+    )
     compile: bool = Field(False, description="Compile the network with torch.compile (compilation is untimed).")
     batch_size: int = Field(128, gt=0, description="Images per training step.")
-    eval_batch_size: int = Field(1000, gt=0, description="Images per evaluation batch.")
+    eval_batch_size: int = Field(
+        EvaluationSettings.model_fields["eval_batch_size"].default, gt=0, description="Images per evaluation batch."
+    )
     data_dir: str = Field("data", description="Folder with the Fashion-MNIST IDX files (never downloaded here).")
     quick: bool = Field(False, description="Default to 40 measured steps after 5: well under 3 minutes.")
     steps: int = Field(400, gt=0, description="Measured training steps per path (40 with --quick).")
@@ -390,3 +403,14 @@ class BenchConfig(FlatModel):
         if numbers and epochs > 0 and batch > 0:
             data["steps"] = max(1, round(epochs * TRAIN_IMAGES / batch) - warmup)
         return data
+
+
+class ResultsSettings(FlatModel):
+    """What `fmnist results` reads from run folders."""
+
+    targets: Annotated[tuple[Annotated[float, Number, Field(gt=0, le=1)], ...], BeforeValidator(comma_list)] = Field(
+        (0.91, 0.93, 0.94, 0.95),
+        min_length=1,
+        description="Comma-separated validation accuracies: each row gives the training minutes until its runs "
+        "first reached each.",
+    )
