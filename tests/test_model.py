@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fmnist_lightning.checkpoints import load_classifier, read_checkpoint
@@ -194,3 +195,23 @@ def test_tta_averages_each_test_image_with_its_mirror(trained_run: Path, datamod
         expected = (model(images).softmax(dim=1) + model(images.flip(-1)).softmax(dim=1)) / 2
     assert torch.allclose(written, expected, atol=1e-4)
     assert report["accuracy"] == pytest.approx(sum(int(r[1]) == int(r[2]) for r in rows) / 10000, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_evaluation_pool_equals_pytorchs_max_pool(dtype: torch.dtype) -> None:
+    """MaxPool2x2's path without gradients (pairwise maxima over channels_last memory) gives
+    F.max_pool2d's values exactly, odd sizes (ceil_mode) and negative values included; with
+    gradients, in the plain layout, and in exports it is PyTorch's pool."""
+    from fmnist_lightning.networks import MaxPool2x2
+
+    pool = MaxPool2x2()
+    for size in (28, 14, 7, 5, 1):
+        x = torch.randn(3, 16, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        expected = F.max_pool2d(x, 2, ceil_mode=True)
+        with torch.inference_mode():
+            fast = pool(x)
+        assert torch.equal(fast, expected) and fast.is_contiguous(memory_format=torch.channels_last), size
+    x = torch.randn(2, 4, 7, 7, requires_grad=True)
+    (grad,) = torch.autograd.grad(pool(x).sum(), x)
+    assert torch.equal(grad, torch.autograd.grad(F.max_pool2d(x, 2, ceil_mode=True).sum(), x)[0])
+    assert torch.equal(pool(x.detach()), F.max_pool2d(x.detach(), 2, ceil_mode=True))  # plain layout
