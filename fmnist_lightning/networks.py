@@ -56,7 +56,7 @@ class MaxPool2x2(nn.MaxPool2d):
         super().__init__(2, ceil_mode=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        exporting = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+        exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
         gradients = torch.is_grad_enabled() and x.requires_grad
         plain = x.dim() != 4 or x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last)
         if exporting or gradients or plain:

@@ -215,3 +215,8 @@ def test_the_evaluation_pool_equals_pytorchs_max_pool(dtype: torch.dtype) -> Non
     (grad,) = torch.autograd.grad(pool(x).sum(), x)
     assert torch.equal(grad, torch.autograd.grad(F.max_pool2d(x, 2, ceil_mode=True).sum(), x)[0])
     assert torch.equal(pool(x.detach()), F.max_pool2d(x.detach(), 2, ceil_mode=True))  # plain layout
+    # An export (ONNX's exporter runs torch.export) keeps the pool operator, which runtimes fuse.
+    sample = torch.randn(2, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        graph = str(torch.export.export(pool, (sample,)).graph)
+    assert "max_pool2d" in graph and "maximum" not in graph
