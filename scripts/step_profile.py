@@ -13,9 +13,9 @@ alternating order, of --steps steps after --warmup steps:
   optimiser (step, zero_grad, the learning-rate scheduler).
 
 Lightning's share is `fit` minus the sum of the phases. Last, one pass under torch.profiler over the
-hand-written step gives the time inside the casts that autocast inserts (aten::_to_copy) and the
-slowest operators. A round's blocks are minutes apart at most, so their ratio survives a noisy
-machine; the table gives medians over the rounds.
+hand-written step gives the time in copies (aten::copy_, aten::_to_copy: autocast's casts, layout
+changes) and the slowest operators. A round's blocks are minutes apart at most, so their ratio
+survives a noisy machine; the table gives medians over the rounds.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def phases_block(s: Settings, args: argparse.Namespace) -> dict[str, float]:
 
 
 def operator_profile(s: Settings, steps: int = 20) -> dict[str, Any]:
-    """torch.profiler over `steps` hand-written steps: ms per step in autocast's casts, and the top operators."""
+    """torch.profiler over `steps` hand-written steps: ms per step in copies and casts, and the top operators."""
     from torch.profiler import ProfilerActivity, profile
 
     dm = build_datamodule(s)
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fit: {fit_ms:.2f} ms per step = {result['fit_images_per_s']:,.0f} img/s")
     for part, ms in parts.items():
         print(f"  {part:<34} {ms:7.2f} ms  {100 * ms / fit_ms:5.1f}%")
-    print(f"  of which autocast's casts (profiler)  {ops['casts_ms']:7.2f} ms")
+    print(f"  {'of which copies and casts (profiler)':<34} {ops['casts_ms']:7.2f} ms")
     print("top operators (self time per step, profiler):")
     for op in ops["top"]:
         print(f"  {op['op']:<40} {op['self_ms_per_step']:7.2f} ms  x{op['calls']}")
