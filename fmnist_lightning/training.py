@@ -29,6 +29,7 @@ from fmnist_lightning.checkpoints import checkpoint_epoch
 from fmnist_lightning.data import FashionMNISTDataModule
 from fmnist_lightning.errors import UsageError
 from fmnist_lightning.hardware import (
+    EMULATED_BF16,
     Hardware,
     is_global_zero,
     launcher_restarts,
@@ -221,6 +222,8 @@ def run_fit(
     """Train as `fmnist fit` does and return where everything went. `extra_callbacks` are added
     to the Trainer (for library users and tests that want to observe training)."""
     hw = resolve_hardware(s.hardware)
+    if hw.precision_why == EMULATED_BF16 and is_global_zero():
+        log.warning("precision bf16-mixed: %s", EMULATED_BF16.removeprefix("asked for; "))
     if s.run.fast_dev_run:
         if out is not None or resume or overwrite:
             raise UsageError("--fast-dev-run keeps no files; drop --out, --resume and --overwrite")

@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 
 from fmnist_lightning.bench import _ratios, _summary, round_order
+from fmnist_lightning.hardware import resolve_hardware
+from fmnist_lightning.settings import HardwareSettings
 from fmnist_lightning.timing import PathResult
 
 
@@ -74,7 +76,8 @@ def test_a_precision_list_measures_every_path_in_each(real_data: None, cli, tmp_
     assert code == 0, err
     result = json.loads(out.read_text())
     assert list(result["results"]) == ["raw@32-true", "raw@bf16-mixed", "fmnist@32-true", "fmnist@bf16-mixed"]
-    assert result["resolved"]["precision"] == {"32-true": "32-true (asked for)", "bf16-mixed": "bf16-mixed (asked for)"}
+    bf16 = resolve_hardware(HardwareSettings(accelerator="cpu", precision="bf16-mixed"))  # emulated or not
+    assert result["resolved"]["precision"] == {"32-true": "32-true (asked for)", "bf16-mixed": bf16.precision_described}
     assert len(result["ratios_per_round"]["raw bf16-mixed/32-true train"]) == 2
     per_round = result["ratios_per_round"]["fmnist bf16-mixed/32-true eval"]
     assert result["ratios_median"]["fmnist bf16-mixed/32-true eval"] == statistics.median(per_round)
