@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import runpy
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fmnist_lightning.runs import read_metrics
 from tests.helpers import need
@@ -76,6 +78,16 @@ def test_slurm_script_parses() -> None:
     subprocess.run(["bash", "-n", str(SCRIPTS / "slurm" / "train.sbatch")], check=True, timeout=30)
 
 
+def test_validation_tta_shifts_move_the_image_and_fill_the_border_with_zeros() -> None:
+    shifted = runpy.run_path(str(SCRIPTS / "validation_tta.py"))["shifted"]
+    image = torch.arange(1.0, 17.0).reshape(1, 1, 4, 4)
+    right = shifted(image, 0, 1)
+    assert torch.equal(right[..., 1:], image[..., :3]) and (right[..., 0] == 0).all()
+    up = shifted(image, -2, 0)
+    assert torch.equal(up[..., :2, :], image[..., 2:, :]) and (up[..., 2:, :] == 0).all()
+    assert torch.equal(shifted(image, 0, 0), image)
+
+
 def test_validation_tta_reports_plain_and_flip_accuracy_on_the_validation_split(
     trained_run: Path, tmp_path: Path
 ) -> None:
@@ -87,10 +99,11 @@ def test_validation_tta_reports_plain_and_flip_accuracy_on_the_validation_split(
 
     out = tmp_path / "val-tta.json"
     args = [sys.executable, str(SCRIPTS / "validation_tta.py"), str(trained_run), "--json", str(out)]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = subprocess.run([*args, "--shifts", "1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     measured = json.loads(out.read_text())["runs"][str(trained_run)]
     assert "with flip TTA" in result.stdout and 0.5 < measured["tta"] <= 1
+    assert "with flip and 1-pixel shift TTA" in result.stdout and 0.5 < measured["tta+shift1"] <= 1
     # "plain" is what Lightning's validation loop gives for all 5,000 validation images.
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     datamodule = FashionMNISTDataModule.from_settings(DataSettings(offline=True), eval_batch_size=250)
