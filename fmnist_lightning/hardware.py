@@ -130,9 +130,9 @@ CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matrix units / instr
 # accurate as fp32 (default.yaml, 3 seeds each: -0.09 points; the improved recipe, seed 1: +0.18) and
 # 1.42x faster per training step. Off, such a CPU stays on 32-true and says why.
 CPU_BF16_BY_DEFAULT = True
-# Why an explicit bf16-mixed on a CPU without native bf16 is named so: PyTorch emulates it there,
-# and both frameworks then trained about 10x slower than in fp32 (docs/performance.md, M4).
-EMULATED_BF16 = "asked for; emulated: this CPU has no native bf16, and 32-true trains several times faster"
+# What an explicit bf16-mixed on a CPU without native bf16 says of itself: PyTorch emulates it
+# there, and both frameworks then trained about 10x slower than in fp32 (docs/performance.md, M4).
+EMULATED_BF16 = "emulated: this CPU has no native bf16, and 32-true trains several times faster"
 
 
 def _cpuinfo_values(key: str) -> list[str]:
@@ -227,7 +227,7 @@ def resolve_hardware(h: HardwareSettings) -> Hardware:
     if precision == "auto":
         precision, why = auto_precision(on_gpu)
     elif precision == "bf16-mixed" and not on_gpu and not cpu_supports_bf16():
-        why = EMULATED_BF16
+        why = f"asked for; {EMULATED_BF16}"
     if precision == "16-mixed" and not on_gpu:
         raise UsageError("precision 16-mixed needs a GPU; on the CPU use bf16-mixed or 32-true")
     if precision == "bf16-mixed" and on_gpu and not gpu_supports_bf16():

@@ -222,8 +222,8 @@ def run_fit(
     """Train as `fmnist fit` does and return where everything went. `extra_callbacks` are added
     to the Trainer (for library users and tests that want to observe training)."""
     hw = resolve_hardware(s.hardware)
-    if hw.precision_why == EMULATED_BF16 and is_global_zero():
-        log.warning("precision bf16-mixed: %s", EMULATED_BF16.removeprefix("asked for; "))
+    if EMULATED_BF16 in hw.precision_why and is_global_zero():
+        log.warning("precision bf16-mixed: %s", EMULATED_BF16)
     if s.run.fast_dev_run:
         if out is not None or resume or overwrite:
             raise UsageError("--fast-dev-run keeps no files; drop --out, --resume and --overwrite")

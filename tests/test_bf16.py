@@ -55,7 +55,7 @@ def test_auto_precision_on_the_cpu_follows_native_bf16(
         hw = resolve_hardware(HardwareSettings(accelerator="cpu", precision=asked))
         emulated = asked == "bf16-mixed" and precision == "32-true"
         assert hw.precision == asked
-        assert hw.precision_why == ("asked for" if not emulated else hardware.EMULATED_BF16)
+        assert hw.precision_why == ("asked for" if not emulated else f"asked for; {hardware.EMULATED_BF16}")
         assert ("emulated" in hw.precision_described) == emulated
 
 
